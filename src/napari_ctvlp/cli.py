@@ -1,0 +1,143 @@
+"""Command line: ``napari-ctvlp detect|segment|phantom ...``.
+
+Every sub-command turns bad input into a one-line message on stderr and exit code 2.
+Heavy modules are imported inside the sub-commands so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from napari_ctvlp import __version__
+
+EXIT_BAD_INPUT = 2
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from napari_ctvlp.engine.phantom import write_phantom_dataset
+
+    info = write_phantom_dataset(
+        Path(args.out),
+        n=args.n,
+        seed=args.seed,
+        size=tuple(args.size),
+        split=args.split,
+        progress=_stderr_progress(args.quiet),
+    )
+    if not args.quiet:
+        print(f"wrote {args.n} phantom(s) to {args.out}", file=sys.stderr)
+    del info
+    return 0
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from napari_ctvlp.engine.pipeline import run_detect_cli
+
+    return run_detect_cli(
+        args.inputs,
+        out=args.out,
+        prompts=args.prompt or (),
+        checkpoint=args.checkpoint,
+        segmentation=args.segmentation,
+        device=args.device,
+    )
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from napari_ctvlp.engine.segmentation import segment
+    from napari_ctvlp.io import read_ct, write_labels
+
+    volume = read_ct(args.input)
+    result = segment(volume, backend=args.backend, device=args.device, fast=not args.full)
+    paths = write_labels(result.labels, like=volume, path=args.out, names=result.names, overwrite=args.overwrite)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _stderr_progress(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    bar: dict[str, tqdm] = {}
+
+    def progress(done: int, total: int, message: str) -> None:
+        if "bar" not in bar:
+            bar["bar"] = tqdm(total=total, file=sys.stderr, leave=False)
+        b = bar["bar"]
+        b.total = total
+        b.n = done
+        b.set_description_str(message[:40])
+        b.refresh()
+        if done >= total:
+            b.close()
+            bar.clear()
+
+    return progress
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="napari-ctvlp",
+        description="Fine-grained CT vision-language abnormality detection (CA-GCL + MOSMOS).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="write synthetic chest-CT phantoms in the CT-RATE layout")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=4, help="number of phantoms (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", type=int, nargs=3, default=[128, 128, 128], metavar=("D", "H", "W"),
+                   help="volume size in voxels, slices rows columns (default 128 128 128)")
+    p.add_argument("--split", default="train", choices=["train", "valid"], help="CT-RATE split name")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_phantom)
+
+    d = sub.add_parser("detect", help="zero-shot abnormality detection on CT volumes")
+    d.add_argument("inputs", nargs="+", help="NIfTI/NRRD/MHA files or DICOM series folders")
+    d.add_argument("--out", required=True, help="output folder (one subfolder per input)")
+    d.add_argument("--prompt", action="append", help="free-text finding to score (repeatable)")
+    d.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped demo model)")
+    d.add_argument("--segmentation", default="auto",
+                   help="auto|totalsegmentator|builtin|threshold or a MASK.nii.gz (default auto)")
+    d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    d.set_defaults(func=_cmd_detect)
+
+    s = sub.add_parser("segment", help="organ masks only")
+    s.add_argument("input", help="CT file or DICOM series folder")
+    s.add_argument("--out", required=True, help="output labels .nii.gz (or .dcm for DICOM-SEG)")
+    s.add_argument("--backend", default="auto", help="auto|totalsegmentator|builtin|threshold")
+    s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--full", action="store_true", help="TotalSegmentator full resolution (default fast)")
+    s.add_argument("--overwrite", action="store_true", help="replace existing files")
+    s.set_defaults(func=_cmd_segment)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``napari-ctvlp`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"napari-ctvlp {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"napari-ctvlp {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
