@@ -1,0 +1,332 @@
+"""DICOM part of :mod:`napari_ctvlp.io`: read one CT series, write a DICOM Segmentation.
+
+Use :func:`napari_ctvlp.io.read_ct` and :func:`napari_ctvlp.io.write_labels`; this module is
+their implementation (pydicom for reading, highdicom for DICOM-SEG).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ctvlp import __version__
+from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
+from napari_ctvlp.io import CTReadError, _axcodes, _fail, _hu_array, _one_line, is_dicom_file, spacing_from_affine
+
+logger = logging.getLogger(__name__)
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Copied into ``CTVolume.meta`` when present (DICOM keywords as keys).
+_META_KEYWORDS = (
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "SeriesDescription",
+    "SeriesNumber",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SliceThickness",
+    "ConvolutionKernel",
+    "KVP",
+    "BodyPartExamined",
+    "PixelPaddingValue",
+)
+
+
+def _plain(value: Any) -> Any:
+    """A DICOM element value as a plain Python value (float, int, str or list)."""
+    import pydicom
+
+    if isinstance(value, pydicom.multival.MultiValue):
+        return [_plain(v) for v in value]
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, int):
+        return int(value)
+    return _one_line(value, 200)
+
+
+def _read_header(path: Path) -> Any | None:
+    """The header of a DICOM file (no pixels), or None when it is not a readable DICOM file."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(str(path), stop_before_pixels=True)
+    except Exception as exc:  # InvalidDicomError, truncated files, bad values ...
+        logger.debug("skipping %s: %s", path, exc)
+        return None
+
+
+def _is_slice(ds: Any) -> bool:
+    return all(k in ds for k in ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"))
+
+
+def _candidates(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
+
+
+def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[tuple[Path, Any]]]:
+    """Header of every slice of the one series at ``path`` (a folder or one of its files)."""
+    folder = path if path.is_dir() else path.parent
+    wanted: str | None = None
+    if path.is_file():
+        ds = _read_header(path)
+        if ds is None:
+            raise _fail(path, "is not a readable DICOM file")
+        if "SeriesInstanceUID" not in ds:
+            raise _fail(path, "DICOM file has no SeriesInstanceUID")
+        wanted = str(ds.SeriesInstanceUID)
+    files = _candidates(folder)
+    if not files:
+        subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
+        hint = f" (it has sub-folders {', '.join(subdirs[:5])}: pass one series folder)" if subdirs else ""
+        raise _fail(folder, f"folder is empty{hint}")
+    series: dict[str, list[tuple[Path, Any]]] = {}
+    multiframe = 0
+    n = len(files)
+    for i, f in enumerate(files):
+        if i % 16 == 0:
+            report(progress, i, 2 * n, f"scanning {folder.name} ({i}/{n} files)")
+        ds = _read_header(f)
+        if ds is None:
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if wanted is not None and uid != wanted:
+            continue
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            multiframe += 1
+            continue
+        if not _is_slice(ds):
+            logger.info("ignoring %s: not an image slice (%s)", f.name, ds.get("SOPClassUID", "?"))
+            continue
+        series.setdefault(uid, []).append((f, ds))
+    if not series:
+        if multiframe:
+            raise _fail(folder, "holds only multi-frame DICOM images, which are not supported; convert to one file per slice or NIfTI")
+        subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
+        hint = f"; its sub-folders ({', '.join(subdirs[:5])}) may hold series: pass one of them" if subdirs else ""
+        raise _fail(folder, f"folder contains no DICOM image slices ({n} files checked){hint}")
+    if len(series) > 1:
+        parts = []
+        for uid, items in sorted(series.items(), key=lambda kv: -len(kv[1])):
+            desc = str(items[0][1].get("SeriesDescription", "") or "no description")
+            parts.append(f"{uid} '{desc}' ({len(items)} files)")
+        raise _fail(
+            folder,
+            f"folder holds {len(series)} DICOM series: {'; '.join(parts)}; "
+            "pass the folder of one series (or one of its files)",
+        )
+    return folder, next(iter(series.values()))
+
+
+def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[tuple[Path, Any]], np.ndarray]:
+    """Sort slices along the normal and build the voxel (i, j, k) -> RAS affine."""
+    first = items[0][1]
+    try:
+        iop = np.asarray([float(v) for v in first.ImageOrientationPatient], dtype=float)
+        row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+        positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for _, ds in items], dtype=float)
+        orientations = np.asarray([[float(v) for v in ds.ImageOrientationPatient] for _, ds in items], dtype=float)
+    except Exception as exc:
+        raise _fail(folder, f"invalid DICOM geometry tags ({type(exc).__name__}: {exc})") from exc
+    if iop.shape != (6,) or positions.shape != (len(items), 3) or orientations.shape != (len(items), 6):
+        raise _fail(folder, "ImageOrientationPatient/ImagePositionPatient have the wrong number of values")
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(iop)) and row_spacing > 0 and col_spacing > 0):
+        raise _fail(folder, "invalid DICOM geometry (non-finite position or non-positive PixelSpacing)")
+    if np.max(np.abs(orientations - iop)) > 1e-3:
+        raise _fail(folder, "slices of the series have different ImageOrientationPatient")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
+    if len(shapes) > 1:
+        raise _fail(folder, f"slices have different sizes {sorted(shapes)}")
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    if np.linalg.norm(normal) < 1e-3:
+        raise _fail(folder, "ImageOrientationPatient row and column directions are parallel")
+    normal /= np.linalg.norm(normal)
+    order = np.argsort(positions @ normal, kind="stable")
+    items = [items[i] for i in order]
+    positions = positions[order]
+    n = len(items)
+    if n < 2:
+        rows, cols = shapes.pop()
+        raise _fail(folder, f"is a 2D image (one DICOM slice of {rows}x{cols}); need a 3D series")
+    steps = np.diff(positions @ normal)
+    if steps.min() < 1e-3:
+        raise _fail(folder, "several slices share the same position (more than one acquisition or duplicates in the series?)")
+    median = float(np.median(steps))
+    if steps.max() - steps.min() > max(1e-2, 0.01 * median):
+        raise _fail(
+            folder,
+            f"slice spacing is not uniform ({steps.min():.3f}..{steps.max():.3f} mm); missing slices?",
+        )
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # column index i runs along the row direction
+    lps[:3, 1] = col_dir * row_spacing  # row index j runs along the column direction
+    lps[:3, 2] = (positions[-1] - positions[0]) / (n - 1)
+    lps[:3, 3] = positions[0]
+    return items, _LPS_TO_RAS @ lps
+
+
+def _pixels(path: Path, ds: Any) -> np.ndarray:
+    try:
+        from pydicom.pixels import apply_modality_lut
+    except ImportError:  # pydicom < 3
+        from pydicom.pixel_data_handlers.util import apply_modality_lut
+
+    arr = ds.pixel_array
+    if arr.ndim != 2:
+        raise _fail(path, f"slice pixel data has shape {arr.shape}; need one grey-value frame")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    if "ModalityLUTSequence" in ds or not (slope.is_integer() and intercept.is_integer()):
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    return arr.astype(np.int32) * int(slope) + int(intercept)
+
+
+def read_dicom_series(path: Path, *, progress: ProgressCallback | None = None) -> CTVolume:
+    """Read the one DICOM series at ``path`` (a series folder or one of its files)."""
+    import pydicom
+
+    folder, items = _collect(path, progress)
+    items, affine = _geometry(folder, items)
+    n = len(items)
+    slices = []
+    for k, (f, _) in enumerate(items):
+        report(progress, n + k, 2 * n, f"decoding {folder.name} slice {k + 1}/{n}")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(str(f))
+                slices.append(_pixels(f, ds))
+        except CTReadError:
+            raise
+        except Exception as exc:
+            raise _fail(f, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    if len({s.shape for s in slices}) > 1:
+        raise _fail(folder, "decoded slices have different sizes")
+    data = np.stack(slices)  # (k, j, i): slice, row, column
+    array = np.ascontiguousarray(_hu_array(data, folder))
+    first = items[0][1]
+    meta: dict[str, Any] = {"path": str(path), "format": "dicom", "folder": str(folder)}
+    for key in ("SeriesInstanceUID", "StudyInstanceUID", "Modality"):
+        meta[key] = str(first.get(key, "") or "")
+    for key in _META_KEYWORDS:
+        if first.get(key) not in (None, ""):
+            meta[key] = _plain(first.get(key))
+    meta["files"] = [str(f) for f, _ in items]
+    meta["SOPInstanceUIDs"] = [
+        str(ds.get("SOPInstanceUID") or getattr(ds, "file_meta", {}).get("MediaStorageSOPInstanceUID", ""))
+        for _, ds in items
+    ]
+    meta["TransferSyntaxUID"] = str(getattr(first.file_meta, "TransferSyntaxUID", ""))
+    for key in ("WindowCenter", "WindowWidth"):
+        if key in first:
+            value = first.get(key)
+            meta[key] = float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
+    report(progress, 2 * n, 2 * n, f"read {n} slices of {folder.name}")
+    logger.info("read DICOM series %s: %d slices from %s", meta.get("SeriesInstanceUID"), n, folder)
+    return CTVolume(array, spacing_from_affine(affine), affine, _axcodes(affine), meta)
+
+
+def _fill_missing_uids(sources: list[Any], like: CTVolume) -> None:
+    """Fill empty UIDs of (anonymised) source headers so highdicom can reference them.
+
+    SOP Class/Instance UIDs come from the file meta information; empty Study/Series UIDs get
+    UIDs derived deterministically from the series folder, so repeated exports agree.
+    """
+    from pydicom.uid import generate_uid
+
+    seed = [str(like.meta.get("folder", "")), str(like.meta.get("FrameOfReferenceUID", ""))]
+    derived = {
+        "StudyInstanceUID": generate_uid(entropy_srcs=[*seed, "study"]),
+        "SeriesInstanceUID": generate_uid(entropy_srcs=[*seed, "series"]),
+    }
+    filled: set[str] = set()
+    for ds in sources:
+        file_meta = getattr(ds, "file_meta", None)
+        if not ds.get("SOPClassUID") and file_meta is not None and file_meta.get("MediaStorageSOPClassUID"):
+            ds.SOPClassUID = file_meta.MediaStorageSOPClassUID
+            filled.add("SOPClassUID")
+        if not ds.get("SOPInstanceUID") and file_meta is not None and file_meta.get("MediaStorageSOPInstanceUID"):
+            ds.SOPInstanceUID = file_meta.MediaStorageSOPInstanceUID
+            filled.add("SOPInstanceUID")
+        for key, uid in derived.items():
+            if not ds.get(key):
+                setattr(ds, key, uid)
+                filled.add(key)
+    if filled:
+        logger.warning("source DICOM series lacks %s (anonymised?); filled them in for the DICOM-SEG", ", ".join(sorted(filled)))
+
+
+def write_dicom_seg(labels: np.ndarray, *, like: CTVolume, path: Path, names: Mapping[int, str]) -> None:
+    """Write ``labels`` (display order, on ``like``'s grid) as a binary DICOM Segmentation.
+
+    One segment per label value in ``names`` (the values present), numbered 1..N in increasing
+    label value, SegmentLabel = name; frames reference ``like``'s source slices.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    files = like.meta.get("files")
+    if like.meta.get("format") != "dicom" or not files:
+        raise ValueError(
+            f"{path}: DICOM-SEG needs a volume read from a DICOM series (this one is "
+            f"{like.meta.get('format', 'unknown')!r}); write .nii.gz instead"
+        )
+    if len(files) != like.shape[0]:
+        raise ValueError(f"{path}: volume has {like.shape[0]} slices but {len(files)} source files")
+    values = sorted(int(v) for v in names)
+    if not values:
+        raise ValueError(f"{path}: the label map is empty; nothing to write as DICOM-SEG")
+    sources = []
+    for f in files:
+        try:
+            sources.append(pydicom.dcmread(f, stop_before_pixels=True))
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot re-read source slice {f} ({exc})") from exc
+    _fill_missing_uids(sources, like)
+    lut = np.zeros(max(values) + 1, dtype=np.uint16)
+    lut[values] = np.arange(1, len(values) + 1)
+    segment_map = lut[np.asarray(labels)]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="napari-ctvlp", family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=i + 1,
+            segment_label=str(names[v])[:64],
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=codes.SCT.Organ,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_id=f"label {v}",
+            tracking_uid=hd.UID(),
+        )
+        for i, v in enumerate(values)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=segment_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(sources[0].get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="napari-ctvlp",
+        manufacturer_model_name="napari-ctvlp",
+        software_versions=__version__,
+        device_serial_number="0",
+        series_description="napari-ctvlp labels",
+        content_label="CTVLP",
+    )
+    seg.save_as(str(path))
