@@ -1,0 +1,281 @@
+"""The widgets' one door into the engine: layers -> CTVolume, pipeline calls, result -> rows.
+
+Keeping every engine call here means the Qt classes only deal with plain rows and arrays.
+Heavy modules (torch, the pipeline) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ctvlp.engine.anatomy import ANATOMY_BY_NAME, organ_label_names
+from napari_ctvlp.engine.volume import CTVolume, ProgressCallback
+from napari_ctvlp.widgets.export_panel import ExportSource
+from napari_ctvlp.widgets.results_table import ResultRow
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ layers
+def layer_volume(layer: Any) -> CTVolume:
+    """The CT of an Image layer: the reader's ``metadata["ctvlp_volume"]`` or one built from
+    ``layer.data`` and ``layer.scale`` (diagonal affine, origin at ``layer.translate``).
+
+    Raises:
+        ValueError: not an Image layer, multiscale, RGB or not 3D.
+    """
+    kind = getattr(layer, "_type_string", type(layer).__name__.lower())
+    if kind != "image":
+        raise ValueError(f"layer {layer.name!r} is a {kind} layer; choose a CT Image layer")
+    if getattr(layer, "multiscale", False):
+        raise ValueError(f"layer {layer.name!r} is multiscale; open the CT at a single resolution")
+    if getattr(layer, "rgb", False):
+        raise ValueError(f"layer {layer.name!r} is an RGB image, not a CT")
+    if layer.ndim != 3:
+        raise ValueError(f"layer {layer.name!r} has {layer.ndim} dimensions; a 3D CT volume is needed")
+    volume = layer.metadata.get("ctvlp_volume")
+    if isinstance(volume, CTVolume) and tuple(volume.shape) == tuple(layer.data.shape):
+        return volume
+    array = np.asarray(layer.data)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"layer {layer.name!r} has {array.dtype} data; CT values (HU) are needed")
+    spacing = tuple(float(s) for s in layer.scale)
+    if min(spacing) <= 0:
+        raise ValueError(f"layer {layer.name!r} has a non-positive scale {spacing}")
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(spacing[::-1])
+    affine[:3, 3] = np.asarray(layer.translate, dtype=float)[::-1]
+    return CTVolume(array, spacing, affine, ("R", "A", "S"), {"path": layer.name, "format": "layer"})
+
+
+def layer_mask(layer: Any, volume: CTVolume) -> np.ndarray:
+    """An organ label map from a Labels layer, checked against the CT (a copy: never modified)."""
+    kind = getattr(layer, "_type_string", "")
+    if kind != "labels":
+        raise ValueError(f"layer {layer.name!r} is a {kind} layer; the mask must be a Labels layer")
+    data = np.array(layer.data, copy=True)
+    if data.shape != volume.shape:
+        raise ValueError(f"mask layer {layer.name!r} has shape {data.shape} but the CT has {volume.shape}")
+    if data.dtype.kind not in "iub":
+        raise ValueError(f"mask layer {layer.name!r} must hold integer labels, got {data.dtype}")
+    return data
+
+
+def organ_layer_kwargs(labels: np.ndarray, volume: CTVolume, names: dict[int, str]) -> dict[str, Any]:
+    """Keyword arguments of the organ Labels layer (names, colours; from ``_layers``)."""
+    from napari_ctvlp._layers import organ_labels_layer
+
+    _, kwargs, _ = organ_labels_layer(labels, volume, names=names)
+    kwargs.pop("name", None)
+    return kwargs
+
+
+def anatomy_centroid(labels: np.ndarray, anatomy: str) -> np.ndarray | None:
+    """Centre of mass (array indices) of an anatomy's organ labels; None when absent."""
+    from scipy import ndimage
+
+    values = ANATOMY_BY_NAME[anatomy].organ_labels if anatomy in ANATOMY_BY_NAME else ()
+    mask = np.isin(labels, values)
+    if not mask.any():
+        return None
+    return np.asarray(ndimage.center_of_mass(mask), dtype=float)
+
+
+# ------------------------------------------------------------------------- choices
+def default_checkpoint() -> Path | None:
+    """The shipped demo checkpoint folder, if any."""
+    from napari_ctvlp.engine.checkpoint import default_checkpoint_path
+
+    return default_checkpoint_path()
+
+
+def model_card_text(path: str | Path | None) -> str:
+    """``MODEL_CARD.md`` of a checkpoint folder (or why there is none)."""
+    from napari_ctvlp.engine.checkpoint import CARD_NAME
+
+    if path is None:
+        return "No checkpoint selected: no demo model is shipped with this build. Use Browse... to pick one."
+    card = Path(path) / CARD_NAME
+    if not card.is_file():
+        return f"{path}: no {CARD_NAME} in this checkpoint folder."
+    try:
+        return card.read_text(encoding="utf-8")
+    except OSError as exc:
+        return f"{card}: cannot read the model card ({exc})"
+
+
+def segmentation_backends() -> dict[str, str | None]:
+    """``{backend: None or why it is unavailable}``."""
+    from napari_ctvlp.engine.segmentation import available_backends
+
+    return available_backends()
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None when CUDA can be used, else a tooltip saying why not."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return "CUDA is not available (no GPU, or this torch build is CPU-only)"
+
+
+# ------------------------------------------------------------------------ detection
+def run_detection(volume: CTVolume, *, checkpoint: str | None, segmentation: Any, device: str,
+                  progress: ProgressCallback | None, cancel: Any) -> Any:
+    """``engine.pipeline.detect`` with the widget's choices (runs in the worker thread)."""
+    from napari_ctvlp.engine.pipeline import detect
+
+    return detect(volume, checkpoint=checkpoint, segmentation=segmentation, device=device, heatmaps=True,
+                  progress=progress, cancel=cancel)
+
+
+def describe_error(exc: BaseException | None) -> tuple[str, str]:
+    """``(level, message)`` of a notification for a failed run."""
+    from napari_ctvlp.engine.pipeline import DetectionCancelled
+
+    if isinstance(exc, DetectionCancelled):
+        return "info", "Detection cancelled; no layer was added."
+    if isinstance(exc, MemoryError) or type(exc).__name__ in ("OutOfMemoryError",):
+        return "error", ("Out of memory during detection: choose device 'cpu', close other volumes, "
+                         f"or crop the CT ({type(exc).__name__}).")
+    try:
+        from napari_ctvlp.engine.checkpoint import CheckpointError
+    except ImportError:  # pragma: no cover
+        CheckpointError = ValueError  # type: ignore[misc,assignment]
+    if isinstance(exc, CheckpointError):
+        return "error", f"Checkpoint problem: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return "error", f"File not found: {exc}"
+    if isinstance(exc, (ValueError, RuntimeError, OSError)):
+        return "error", f"Detection failed: {exc}"
+    logger.error("detection failed", exc_info=exc)
+    return "error", f"Detection failed ({type(exc).__name__}): {exc}"
+
+
+def backend_name(result: Any) -> str:
+    """Which segmentation the result used."""
+    seg = getattr(result, "segmentation", None)
+    return str(getattr(seg, "backend", "?"))
+
+
+def result_labels(result: Any) -> tuple[np.ndarray, dict[int, str]]:
+    """Organ label map and ``{value: name}`` of a detection."""
+    seg = result.segmentation
+    labels = np.asarray(getattr(seg, "labels", seg))
+    names = dict(getattr(seg, "names", None) or organ_label_names())
+    return labels, names
+
+
+def result_rows(result: Any) -> list[ResultRow]:
+    """Table rows (anatomy x abnormality) of a detection."""
+    rows = []
+    for r in result.scores.rows():
+        p = float(r["probability"])
+        ok = bool(r["assessable"]) and not math.isnan(p)
+        rows.append(ResultRow(str(r["anatomy"]), str(r["abnormality"]), p if ok else float("nan"),
+                              float(r["std"]) if ok else float("nan"), ok))
+    return rows
+
+
+def result_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.ndarray] | None:
+    """``(name, array)`` of the heatmap for a row (abnormality map, else the anatomy's)."""
+    heatmaps: dict[str, np.ndarray] = getattr(result, "heatmaps", None) or {}
+    for key in (abnormality, f"{anatomy}/{abnormality}", anatomy):
+        if key in heatmaps:
+            return key, heatmaps[key]
+    return None
+
+
+def export_source(result: Any) -> ExportSource:
+    """What the export panel writes for a detection."""
+    from napari_ctvlp.engine import pipeline
+
+    labels, names = result_labels(result)
+    seg = result.segmentation
+    return ExportSource(
+        volume=result.volume, labels=labels, label_names=names,
+        heatmaps=dict(getattr(result, "heatmaps", None) or {}),
+        write_results=lambda out, overwrite: pipeline.write_results(result, out, overwrite=overwrite),
+        results_files=tuple(getattr(pipeline, "RESULT_FILES", ("results.csv", "results.json"))),
+        volume_ml=dict(getattr(seg, "volume_ml", {}) or {}), mean_hu=dict(getattr(seg, "mean_hu", {}) or {}),
+    )
+
+
+# --------------------------------------------------------------------------- prompts
+@dataclass(frozen=True)
+class PromptScore:
+    """One anatomy's probability for a typed finding (NaN: not assessable)."""
+
+    anatomy: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class RobustnessRow:
+    """Mean +- std over wordings for one anatomy; ``flips``: wordings against the majority."""
+
+    anatomy: str
+    mean: float
+    std: float
+    flips: int
+
+
+@dataclass(frozen=True)
+class PromptVariant:
+    """One wording's probability in one anatomy; ``flipped``: its answer differs from the majority."""
+
+    prompt: str
+    anatomy: str
+    probability: float
+    flipped: bool
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """Robustness view: per-anatomy summary rows and per-wording variants."""
+
+    rows: tuple[RobustnessRow, ...]
+    variants: tuple[PromptVariant, ...]
+
+
+class ResultScorer:
+    """Scores free text against a detection's cached image features (text encoder only)."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def score(self, text: str) -> list[PromptScore]:
+        """Probability per anatomy of a finding sentence."""
+        score = self.result.score_prompt(text)
+        return [PromptScore(a, float(p)) for a, p in zip(score.anatomies, score.probability)]
+
+    def robustness(self, text: str, *, paraphrases: tuple[str, ...] = ()) -> Robustness:
+        """All templates + paraphrases; flags wordings whose answer differs from the majority."""
+        rob = self.result.robustness(text, paraphrases=paraphrases)
+        probs = np.asarray(rob.probabilities, dtype=float)  # [W, A]
+        rows, variants = [], []
+        for j, anatomy in enumerate(rob.anatomies):
+            col = probs[:, j]
+            if np.isnan(col).all():
+                rows.append(RobustnessRow(anatomy, float("nan"), float("nan"), 0))
+                continue
+            positive = col > 0.5
+            majority = positive.sum() * 2 >= len(col)
+            flipped = positive != majority
+            rows.append(RobustnessRow(anatomy, float(rob.mean[j]), float(rob.std[j]), int(flipped.sum())))
+            for w, (pos, _neg) in enumerate(rob.wordings):
+                phrase = ANATOMY_BY_NAME[anatomy].phrase if anatomy in ANATOMY_BY_NAME else anatomy
+                variants.append(PromptVariant(pos.replace("{organ}", phrase), anatomy, float(col[w]),
+                                              bool(flipped[w])))
+        return Robustness(tuple(rows), tuple(variants))
+
+    def heatmap(self, text: str) -> np.ndarray | None:
+        """Prompt heatmap on the CT grid."""
+        return self.result.prompt_heatmap(text)

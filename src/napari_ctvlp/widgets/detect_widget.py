@@ -1,0 +1,400 @@
+"""Dock widget "CT abnormality detection": pick a CT, a model and a segmentation, detect.
+
+Detection runs :func:`napari_ctvlp.engine.pipeline.detect` in a napari thread worker with a
+progress bar and a Cancel button. Results appear as an organ Labels layer (aligned with the
+CT), a sortable results table (click a row: the view centres on the anatomy and its attention
+heatmap is shown), a free-text prompt panel and an export panel. Errors become napari
+notifications; the user's layers are never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_ctvlp.widgets import _engine
+from napari_ctvlp.widgets._worker import Outcome, Task
+from napari_ctvlp.widgets.export_panel import ExportPanel, export_detection
+from napari_ctvlp.widgets.prompt_panel import PromptPanel
+from napari_ctvlp.widgets.results_table import ResultsTable
+
+if TYPE_CHECKING:
+    import napari
+
+logger = logging.getLogger(__name__)
+
+LABELS_LAYER_CHOICE = "Labels layer..."
+_LABELS_KEY = "__labels_layer__"
+#: metadata key marking layers this widget created (never offered as inputs)
+OWN_LAYER_KEY = "ctvlp_widget_layer"
+_GEOMETRY = ("scale", "translate", "rotate", "shear", "affine")
+
+
+def _notify(level: str, message: str) -> None:
+    from napari.utils.notifications import show_error, show_info, show_warning
+
+    {"error": show_error, "warning": show_warning}.get(level, show_info)(message)
+
+
+class DetectWidget(QWidget):
+    """Zero-shot abnormality detection on a CT image layer.
+
+    Args:
+        viewer: the napari viewer (napari passes it when the widget is opened from the menu).
+
+    Sub-widgets are public attributes so tests and scripts can drive them: ``image_combo``,
+    ``checkpoint_combo``, ``browse_checkpoint_button``, ``model_card_text``,
+    ``segmentation_combo``, ``labels_combo``, ``device_combo``, ``detect_button``,
+    ``cancel_button``, ``status_label``, ``results_table``, ``prompt_panel``, ``export_panel``.
+    """
+
+    def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("ctvlp_detect_widget")
+        self.viewer = viewer
+        self.result: Any = None
+        self.task: Task | None = None
+        self.messages: list[tuple[str, str]] = []
+        self._run_info: dict[str, Any] = {}
+        self._organ_layer: Any = None
+        self._centroids: dict[str, np.ndarray | None] = {}
+
+        # ---- inputs
+        self.image_combo = QComboBox()
+        self.image_combo.setToolTip("CT image layer to analyse (3D Image layers only)")
+        self.checkpoint_combo = QComboBox()
+        self.checkpoint_combo.setToolTip("model checkpoint folder (model.safetensors + config.json)")
+        self.browse_checkpoint_button = QPushButton("Browse...")
+        self.browse_checkpoint_button.clicked.connect(self._browse_checkpoint)
+        ckpt_row = QHBoxLayout()
+        ckpt_row.addWidget(self.checkpoint_combo, 1)
+        ckpt_row.addWidget(self.browse_checkpoint_button)
+        self.model_card_text = QPlainTextEdit()
+        self.model_card_text.setReadOnly(True)
+        self.model_card_text.setMaximumHeight(160)
+        from superqt import QCollapsible
+
+        self.model_card_box = QCollapsible("Model card")
+        self.model_card_box.addWidget(self.model_card_text)
+        self.segmentation_combo = QComboBox()
+        self.labels_combo = QComboBox()
+        self.labels_combo.setToolTip("Labels layer with organ labels (values of the organ table) on the CT grid")
+        self.device_combo = QComboBox()
+
+        form = QFormLayout()
+        form.addRow("CT image", self.image_combo)
+        form.addRow("Checkpoint", ckpt_row)
+        form.addRow(self.model_card_box)
+        form.addRow("Segmentation", self.segmentation_combo)
+        form.addRow("Mask layer", self.labels_combo)
+        form.addRow("Device", self.device_combo)
+        self._form = form
+
+        self.detect_button = QPushButton("Detect abnormalities")
+        self.detect_button.clicked.connect(self.start_detection)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.detect_button, 1)
+        buttons.addWidget(self.cancel_button)
+        self.status_label = QLabel("Choose a CT image layer and press Detect.")
+        self.status_label.setWordWrap(True)
+
+        # ---- outputs
+        self.results_table = ResultsTable()
+        self.results_table.row_activated.connect(self.show_row)
+        self.prompt_panel = PromptPanel(notify=self._message)
+        self.prompt_panel.heatmap_ready.connect(self._show_heatmap)
+        self.export_panel = ExportPanel(self._export_source, notify=self._message)
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self.results_table, "Results")
+        self.tabs.addTab(self.prompt_panel, "Prompts")
+        self.tabs.addTab(self.export_panel, "Export")
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status_label)
+        layout.addWidget(self.tabs, 1)
+
+        self._fill_checkpoints()
+        self._fill_segmentation()
+        self._fill_devices()
+        self.checkpoint_combo.currentIndexChanged.connect(self._update_model_card)
+        self.segmentation_combo.currentIndexChanged.connect(self._update_labels_visibility)
+        self._update_model_card()
+        self.refresh_layers()
+        self._update_labels_visibility()
+        for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                      viewer.layers.events.moved, viewer.layers.events.changed):
+            event.connect(self.refresh_layers)
+
+    # ------------------------------------------------------------------------ pickers
+    def _message(self, level: str, text: str) -> None:
+        self.messages.append((level, text))
+        self.status_label.setText(text)
+        _notify(level, text)
+
+    def _input_layers(self, kind: str) -> list[Any]:
+        return [layer for layer in self.viewer.layers
+                if layer._type_string == kind and not layer.metadata.get(OWN_LAYER_KEY)]
+
+    def refresh_layers(self, event: Any = None) -> None:
+        """Re-list the Image and Labels layers (called when layers are added/removed/renamed)."""
+        for combo, kind in ((self.image_combo, "image"), (self.labels_combo, "labels")):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            for layer in self._input_layers(kind):
+                combo.addItem(layer.name)
+                if not getattr(layer, "_ctvlp_name_hooked", False):
+                    layer.events.name.connect(self.refresh_layers)
+                    layer._ctvlp_name_hooked = True
+            idx = combo.findText(current)
+            combo.setCurrentIndex(idx if idx >= 0 else (0 if combo.count() else -1))
+            combo.blockSignals(False)
+
+    def _fill_checkpoints(self) -> None:
+        path = _engine.default_checkpoint()
+        if path is not None:
+            self.checkpoint_combo.addItem(f"demo model ({path.name})", str(path))
+        else:
+            self.checkpoint_combo.addItem("(no demo model shipped: Browse...)", None)
+
+    def set_checkpoint(self, path: str | Path) -> None:
+        """Add a checkpoint folder to the picker and select it."""
+        path = str(Path(path).expanduser())
+        idx = self.checkpoint_combo.findData(path)
+        if idx < 0:
+            self.checkpoint_combo.addItem(Path(path).name or path, path)
+            idx = self.checkpoint_combo.count() - 1
+            self.checkpoint_combo.setItemData(idx, path, Qt.ItemDataRole.ToolTipRole)
+        self.checkpoint_combo.setCurrentIndex(idx)
+
+    def _browse_checkpoint(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Checkpoint folder")
+        if folder:
+            self.set_checkpoint(folder)
+
+    def _update_model_card(self) -> None:
+        path = self.checkpoint_combo.currentData()
+        self.model_card_text.setPlainText(_engine.model_card_text(path))
+
+    def _fill_segmentation(self) -> None:
+        combo = self.segmentation_combo
+        combo.addItem("auto", "auto")
+        combo.setItemData(0, "first available: TotalSegmentator, built-in, threshold", Qt.ItemDataRole.ToolTipRole)
+        for name, reason in _engine.segmentation_backends().items():
+            combo.addItem(name, name)
+            idx = combo.count() - 1
+            if reason:
+                combo.model().item(idx).setEnabled(False)
+                combo.setItemData(idx, f"unavailable: {reason}", Qt.ItemDataRole.ToolTipRole)
+        combo.addItem(LABELS_LAYER_CHOICE, _LABELS_KEY)
+        combo.setItemData(combo.count() - 1, "use an existing Labels layer as the organ mask",
+                          Qt.ItemDataRole.ToolTipRole)
+
+    def set_segmentation(self, choice: str) -> None:
+        """Select a backend name, ``"auto"`` or :data:`LABELS_LAYER_CHOICE`."""
+        idx = self.segmentation_combo.findText(choice)
+        if idx < 0:
+            raise ValueError(f"unknown segmentation choice {choice!r}")
+        self.segmentation_combo.setCurrentIndex(idx)
+
+    def _update_labels_visibility(self) -> None:
+        use_layer = self.segmentation_combo.currentData() == _LABELS_KEY
+        self._form.setRowVisible(self.labels_combo, use_layer)
+
+    def _fill_devices(self) -> None:
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        reason = _engine.cuda_unavailable_reason()
+        if reason:
+            self.device_combo.model().item(2).setEnabled(False)
+            self.device_combo.setItemData(2, reason, Qt.ItemDataRole.ToolTipRole)
+
+    # ----------------------------------------------------------------------- detection
+    @property
+    def busy(self) -> bool:
+        """True while a detection runs."""
+        return self.task is not None and not self.task.finished
+
+    def _layer(self, name: str) -> Any | None:
+        return self.viewer.layers[name] if name and name in self.viewer.layers else None
+
+    def _prepare(self) -> dict[str, Any] | None:
+        """Collect the inputs on the GUI thread; None (with a notification) when something is wrong."""
+        layer = self._layer(self.image_combo.currentText())
+        if layer is None:
+            self._message("error", "No CT image layer: open a CT (File > Open) or a sample first.")
+            return None
+        try:
+            volume = _engine.layer_volume(layer)
+            segmentation: Any = self.segmentation_combo.currentData()
+            if segmentation == _LABELS_KEY:
+                mask_layer = self._layer(self.labels_combo.currentText())
+                if mask_layer is None:
+                    raise ValueError("'Labels layer...' is selected but there is no Labels layer")
+                segmentation = _engine.layer_mask(mask_layer, volume)
+        except ValueError as exc:
+            self._message("error", str(exc))
+            return None
+        geometry = {k: np.array(getattr(layer, k)) if k != "affine" else layer.affine for k in _GEOMETRY}
+        return {"layer_name": layer.name, "volume": volume, "segmentation": segmentation,
+                "checkpoint": self.checkpoint_combo.currentData(), "device": self.device_combo.currentText(),
+                "geometry": geometry}
+
+    def start_detection(self) -> Task | None:
+        """The Detect button: start a detection in a worker; returns its task (None if not started)."""
+        if self.busy:
+            return None
+        info = self._prepare()
+        if info is None:
+            return None
+        self._run_info = info
+
+        def work(progress, cancel):
+            return _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
+                                         segmentation=info["segmentation"], device=info["device"],
+                                         progress=progress, cancel=cancel)
+
+        self.task = Task(work, on_done=self._detection_done, desc="Detecting abnormalities", start=False)
+        self._set_busy(True)
+        self.status_label.setText(f"Detecting abnormalities in {info['layer_name']}...")
+        self.task.worker.start()
+        return self.task
+
+    def cancel(self) -> None:
+        """The Cancel button: ask the running detection to stop."""
+        if self.busy:
+            self.task.cancel()
+            self.cancel_button.setEnabled(False)
+            self.status_label.setText("Cancelling...")
+
+    def _set_busy(self, busy: bool) -> None:
+        self.detect_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        self.export_panel.export_button.setEnabled(not busy)
+        if busy:
+            self.prompt_panel.set_scorer(None)
+
+    def _detection_done(self, outcome: Outcome) -> None:
+        self._set_busy(False)
+        if not outcome.ok:
+            level, text = _engine.describe_error(outcome.error)
+            self._message(level, text)
+            if self.result is not None:
+                self.prompt_panel.set_scorer(_engine.ResultScorer(self.result))
+            return
+        self.result = outcome.value
+        self._show_result(outcome.seconds)
+
+    def _show_result(self, seconds: float) -> None:
+        info, result = self._run_info, self.result
+        labels, names = _engine.result_labels(result)
+        self._organ_layer = self._put_layer(
+            f"{info['layer_name']} organs (detected)", "labels", labels,
+            _engine.organ_layer_kwargs(labels, info["volume"], names), replace_data=True)
+        self.results_table.set_rows(_engine.result_rows(result))
+        self.prompt_panel.set_scorer(_engine.ResultScorer(result))
+        self._centroids = {}
+        n = self.results_table.rowCount()
+        self.status_label.setText(f"{n} results in {seconds:.1f} s (segmentation: {_engine.backend_name(result)}). "
+                                  "Click a row to see its anatomy and heatmap.")
+        self.tabs.setCurrentWidget(self.results_table)
+
+    def _put_layer(self, name: str, kind: str, data: np.ndarray, kwargs: dict[str, Any], *,
+                   replace_data: bool) -> Any:
+        """Add a layer with the CT's geometry, or replace the data of the one we added before."""
+        geometry = self._run_info["geometry"]
+        kwargs = {**kwargs, **{k: v for k, v in geometry.items()}, "name": name}
+        kwargs["metadata"] = {**kwargs.get("metadata", {}), OWN_LAYER_KEY: True}
+        existing = self._layer(name)
+        if existing is not None and existing.metadata.get(OWN_LAYER_KEY) and replace_data:
+            existing.data = data
+            if "contrast_limits" in kwargs:
+                existing.contrast_limits = kwargs["contrast_limits"]
+            existing.visible = True
+            return existing
+        return getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+
+    # ------------------------------------------------------------------ row / heatmaps
+    def show_row(self, anatomy: str, abnormality: str) -> None:
+        """Centre the view on ``anatomy`` and show the heatmap of ``(anatomy, abnormality)``."""
+        if self.result is None:
+            return
+        self.centre_on(anatomy)
+        heat = _engine.result_heatmap(self.result, anatomy, abnormality)
+        if heat is None:
+            self.status_label.setText(f"no heatmap for {abnormality} in the {anatomy}")
+            return
+        self._show_heatmap(heat[0], heat[1])
+
+    def centre_on(self, anatomy: str) -> np.ndarray | None:
+        """Move the camera and the slider to the centroid of ``anatomy``; returns world coordinates."""
+        if anatomy not in self._centroids:
+            labels, _ = _engine.result_labels(self.result)
+            self._centroids[anatomy] = _engine.anatomy_centroid(labels, anatomy)
+        centroid = self._centroids[anatomy]
+        if centroid is None:
+            self.status_label.setText(f"the {anatomy} is not in the organ mask")
+            return None
+        layer = self._organ_layer
+        world = np.asarray(layer.data_to_world(centroid) if layer is not None else centroid, dtype=float)
+        ndim = self.viewer.dims.ndim
+        world_nd = world[-ndim:] if ndim <= world.size else np.concatenate([np.zeros(ndim - world.size), world])
+        self.viewer.dims.set_point(range(ndim), tuple(world_nd))
+        displayed = list(self.viewer.dims.displayed)
+        self.viewer.camera.center = tuple(world_nd[displayed])
+        return world_nd
+
+    def _show_heatmap(self, name: str, array: np.ndarray) -> Any:
+        array = np.asarray(array, dtype=np.float32)
+        hi = float(np.nanmax(array)) if array.size else 1.0
+        lo = float(np.nanmin(array)) if array.size else 0.0
+        kwargs = {"colormap": "inferno", "blending": "additive", "opacity": 0.5,
+                  "contrast_limits": (lo, hi if hi > lo else lo + 1.0), "metadata": {"ctvlp_heatmap": name}}
+        return self._put_layer(f"heatmap: {name}", "image", array, kwargs, replace_data=True)
+
+    # --------------------------------------------------------------------- scripting
+    def run_blocking(self, *, timeout: float | None = None) -> Any:
+        """Run detection on the selected image layer and wait (event loop running); return the result.
+
+        Returns None when the run failed or was cancelled (a notification says why).
+        """
+        task = self.start_detection()
+        if task is None:
+            return None
+        outcome = task.wait(timeout=timeout)
+        return outcome.value if outcome.ok else None
+
+    def _export_source(self) -> Any:
+        return None if self.result is None else _engine.export_source(self.result)
+
+    def export_results(self, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
+        """Export masks, results, heatmaps and statistics of the last detection to ``out_dir``.
+
+        Raises:
+            RuntimeError: no detection has run yet.
+            FileExistsError: files exist and ``overwrite`` is False (nothing is written).
+        """
+        if self.result is None:
+            raise RuntimeError("no detection results to export: run a detection first")
+        return export_detection(_engine.export_source(self.result), out_dir, overwrite=overwrite,
+                                **self.export_panel.options())

@@ -1,0 +1,170 @@
+"""Sortable table of abnormality probabilities per anatomy, with a probability colour bar."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from qtpy.QtCore import QModelIndex, QRect, Qt, Signal
+from qtpy.QtGui import QBrush, QColor, QPainter
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QTableWidget,
+    QTableWidgetItem,
+)
+
+NOT_ASSESSABLE = "not assessable"
+COLUMNS = ("anatomy", "abnormality", "probability", "std", "assessable")
+_GREY = QColor(128, 128, 128)
+#: item role holding the row's (anatomy, abnormality) key
+KEY_ROLE = int(Qt.ItemDataRole.UserRole) + 1
+#: item role holding the numeric value used for sorting and the bar (-1: not assessable)
+VALUE_ROLE = int(Qt.ItemDataRole.UserRole) + 2
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One row of the results table.
+
+    Attributes:
+        anatomy: anatomy group name (e.g. ``"lung"``).
+        abnormality: CT-RATE abnormality name or a free-text prompt.
+        probability: mean probability over templates in [0, 1]; ``nan`` when not assessable.
+        std: standard deviation over templates.
+        assessable: False when the anatomy is absent from the mask (no score).
+    """
+
+    anatomy: str
+    abnormality: str
+    probability: float
+    std: float
+    assessable: bool
+
+
+def probability_color(p: float) -> QColor:
+    """Colour of the probability bar: green (0) through yellow to red (1)."""
+    p = min(max(float(p), 0.0), 1.0)
+    if p < 0.5:
+        return QColor(int(80 + 350 * p), 190, 80)
+    return QColor(235, int(190 - 260 * (p - 0.5)), 60)
+
+
+class ProbabilityBarDelegate(QStyledItemDelegate):
+    """Paints the probability column as a horizontal bar with the value written on it."""
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
+        value = index.data(VALUE_ROLE)
+        if not isinstance(value, float) or math.isnan(value) or value < 0:
+            super().paint(painter, option, index)
+            return
+        painter.save()
+        if option.state & QStyle.StateFlag.State_Selected:
+            painter.fillRect(option.rect, option.palette.highlight())
+        rect: QRect = option.rect.adjusted(2, 3, -2, -3)
+        bar = QRect(rect.left(), rect.top(), int(rect.width() * min(value, 1.0)), rect.height())
+        painter.fillRect(bar, probability_color(value))
+        painter.setPen(option.palette.text().color())
+        painter.drawText(rect, int(Qt.AlignmentFlag.AlignCenter), f"{value:.3f}")
+        painter.restore()
+
+
+class _NumericItem(QTableWidgetItem):
+    """Item that sorts by its numeric value (not the displayed text)."""
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        a, b = self.data(VALUE_ROLE), other.data(VALUE_ROLE)
+        if isinstance(a, float) and isinstance(b, float):
+            return a < b
+        return super().__lt__(other)
+
+
+class ResultsTable(QTableWidget):
+    """Anatomy x abnormality probabilities; emits :attr:`row_activated` when a row is clicked.
+
+    Non-assessable rows show "not assessable" in grey and sort below every probability.
+    """
+
+    #: (anatomy, abnormality) of the clicked row
+    row_activated = Signal(str, str)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(0, len(COLUMNS), parent)
+        self.setObjectName("ctvlp_results_table")
+        self.setHorizontalHeaderLabels(list(COLUMNS))
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.setItemDelegateForColumn(COLUMNS.index("probability"), ProbabilityBarDelegate(self))
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        header.setStretchLastSection(True)
+        self.verticalHeader().setVisible(False)
+        self.setSortingEnabled(True)
+        self.cellClicked.connect(self._on_cell_clicked)
+
+    def set_rows(self, rows: Iterable[ResultRow]) -> None:
+        """Replace the table contents; sorted by probability, highest first."""
+        rows = list(rows)
+        self.setSortingEnabled(False)
+        self.clearContents()
+        self.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            key = (row.anatomy, row.abnormality)
+            ok = row.assessable and not math.isnan(row.probability)
+            items = [
+                QTableWidgetItem(row.anatomy),
+                QTableWidgetItem(row.abnormality),
+                _NumericItem(),
+                _NumericItem(),
+                QTableWidgetItem("yes" if ok else "no"),
+            ]
+            prob, std = items[2], items[3]
+            if ok:
+                prob.setData(VALUE_ROLE, float(row.probability))
+                prob.setText(f"{row.probability:.3f}")
+                std.setData(VALUE_ROLE, float(row.std))
+                std.setText(f"{row.std:.3f}")
+                prob.setToolTip(f"p = {row.probability:.3f} +- {row.std:.3f} over prompt templates")
+            else:
+                prob.setData(VALUE_ROLE, -1.0)
+                prob.setText(NOT_ASSESSABLE)
+                std.setData(VALUE_ROLE, -1.0)
+                prob.setToolTip(f"{row.anatomy} is not in the segmentation: no score")
+            for c, item in enumerate(items):
+                item.setData(KEY_ROLE, key)
+                if not ok:
+                    item.setForeground(QBrush(_GREY))
+                self.setItem(r, c, item)
+        self.setSortingEnabled(True)
+        self.sortItems(COLUMNS.index("probability"), Qt.SortOrder.DescendingOrder)
+        self.resizeColumnsToContents()
+
+    def row_values(self, row: int) -> dict[str, object]:
+        """Displayed values of a row as ``{column: value}`` (probability as float or the text)."""
+        out: dict[str, object] = {}
+        for c, name in enumerate(COLUMNS):
+            item = self.item(row, c)
+            if name in ("probability", "std"):
+                value = item.data(VALUE_ROLE)
+                out[name] = NOT_ASSESSABLE if (name == "probability" and value == -1.0) else value
+            else:
+                out[name] = item.text()
+        return out
+
+    def find_row(self, anatomy: str, abnormality: str) -> int:
+        """Current row index of ``(anatomy, abnormality)``; -1 when absent."""
+        for r in range(self.rowCount()):
+            if self.item(r, 0).data(KEY_ROLE) == (anatomy, abnormality):
+                return r
+        return -1
+
+    def _on_cell_clicked(self, row: int, _column: int) -> None:
+        item = self.item(row, 0)
+        if item is not None:
+            anatomy, abnormality = item.data(KEY_ROLE)
+            self.row_activated.emit(anatomy, abnormality)
