@@ -285,3 +285,21 @@ def test_forward_and_temperature(model: CTVLP) -> None:
     assert model.tokenizer is model.text.tokenizer
     with pytest.raises(ValueError, match="CTVLPConfig"):
         CTVLP({"image_size": (32, 32, 32)})  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_forward_backward_with_checkpointing() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    torch.manual_seed(0)
+    m = CTVLP(CTVLPConfig.tiny(gradient_checkpointing=True)).cuda().train()
+    masks = torch.zeros(2, A, 32, 32, 32, dtype=torch.bool, device="cuda")
+    masks[:, 0, :16] = True
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        tokens = m.encode_image(_image().cuda())
+        pooled = m.pool_anatomies(tokens, m.masks_to_tokens(masks))
+        tags = m.decode_tags(tokens)
+        loss = pooled.embeddings.float().sum() + tags.logits.float().sum()
+    loss.backward()
+    assert torch.isfinite(m.vit.patch_embed.weight.grad).all()
+    assert torch.isfinite(pooled.embeddings).all() and not pooled.present[:, 1:].any()
