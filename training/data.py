@@ -1,0 +1,211 @@
+"""Dataset over a cache written by :mod:`training.prepare`, and the collate function.
+
+Each item is a dict:
+
+* ``image``: ``float32 [1, D, H, W]`` in ``[-1, 1]`` (model grid);
+* ``anatomy_masks``: ``bool [A, D, H, W]`` (precomputed by ``prepare`` with
+  :func:`napari_ctvlp.engine.anatomy.anatomy_masks`);
+* ``present``: ``bool [A]``: the anatomy is in the scan *and* its report has sentences about it
+  (the anatomies that take part in the CA-GCL losses);
+* ``texts``: list of ``A`` strings, the anatomy's report sentences (``""`` where not present). In
+  training they are augmented (shuffle + random non-empty subset, :mod:`training.text_aug`);
+* ``report``: the whole report (findings + impression), for the MOSMOS image-report loss;
+* ``labels``: ``int64 [18]`` CT-RATE labels (``-1`` unknown);
+* ``tag_targets``: ``float32 [T]`` MOSMOS tag targets (if the dataset was given ``tags``).
+
+Text augmentation is deterministic in ``(seed, epoch, index)`` (call :meth:`CachedCTDataset.set_epoch`),
+so a resumed run sees exactly the texts an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMY_BY_NAME
+
+logger = logging.getLogger(__name__)
+
+
+def load_manifest(cache_dir: str | Path, split: str) -> dict[str, Any]:
+    """The ``manifest.json`` of one split of a cache (``ValueError`` naming what is missing)."""
+    path = Path(cache_dir) / split / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"cache {cache_dir}: {path} does not exist (run `python -m training.prepare --split {split}`)")
+    manifest = json.loads(path.read_text())
+    if not manifest.get("entries"):
+        raise ValueError(f"cache {cache_dir}: split {split!r} has no samples")
+    return manifest
+
+
+def tag_targets(tags: Sequence[str], *, labels: Sequence[int], sentences: dict[str, Sequence[str]],
+                report: str) -> np.ndarray:
+    """MOSMOS tag targets: 1 for tags the report mentions as present, 0 otherwise (weak negatives).
+
+    Abnormality terms use the CT-RATE labels, anatomy phrases whether the report says something
+    about that anatomy, any other tag a case-insensitive mention in the report.
+    """
+    term_to_label = {a.term.lower(): i for i, a in enumerate(ABNORMALITIES)}
+    phrase_to_anatomy = {a.phrase.lower(): name for name, a in ANATOMY_BY_NAME.items()}
+    text = report.lower()
+    out = np.zeros(len(tags), dtype=np.float32)
+    for t, tag in enumerate(tags):
+        key = tag.lower()
+        if key in term_to_label:
+            out[t] = float(labels[term_to_label[key]] == 1)
+        elif key in phrase_to_anatomy:
+            out[t] = float(bool(sentences.get(phrase_to_anatomy[key])))
+        else:
+            out[t] = float(key in text)
+    return out
+
+
+class CachedCTDataset:
+    """Map-style dataset (``torch.utils.data.Dataset`` protocol) over a prepared cache.
+
+    Args:
+        cache_dir: folder written by ``python -m training.prepare``.
+        split: which split.
+        augment_text: clinical-aware sentence augmentation (training); off = all sentences in
+            report order (evaluation).
+        seed: seed of the augmentation (with the epoch and the index).
+        anatomies: anatomy names the model pools over, in query order; default the cache's.
+        tags: MOSMOS tag vocabulary; adds ``tag_targets`` to every item.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        split: str = "train",
+        augment_text: bool = True,
+        seed: int = 0,
+        anatomies: Sequence[str] | None = None,
+        tags: Sequence[str] | None = None,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.split = split
+        self.manifest = load_manifest(cache_dir, split)
+        self.entries: list[dict[str, Any]] = self.manifest["entries"]
+        cache_anatomies = list(self.manifest["anatomies"])
+        names = list(anatomies) if anatomies is not None else cache_anatomies
+        missing = [a for a in names if a not in cache_anatomies]
+        if missing:
+            raise ValueError(f"cache {cache_dir} has no masks for anatomies {missing}; it has {cache_anatomies}")
+        self.anatomies = tuple(names)
+        self._channels = [cache_anatomies.index(a) for a in names]
+        self.augment_text = augment_text
+        self.seed = int(seed)
+        self.epoch = 0
+        self.tags = tuple(tags) if tags is not None else None
+        self.preprocess = dict(self.manifest["preprocess"])
+        self.image_size = tuple(self.preprocess["image_size"])
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation draw (call at the start of every epoch, like the sampler's)."""
+        self.epoch = int(epoch)
+
+    def _path(self, rel: str) -> Path:
+        return self.cache_dir / self.split / rel
+
+    def anatomy_texts(self, index: int) -> list[str]:
+        """Per-anatomy texts of one sample (augmented if ``augment_text``; ``""`` where none)."""
+        entry = self.entries[index]
+        rng = random.Random(hash((self.seed, self.epoch, int(index))) & 0xFFFFFFFF)
+        texts = []
+        for name in self.anatomies:
+            sentences = list(entry["sentences"].get(name, ()))
+            if not sentences:
+                texts.append("")
+            elif self.augment_text:
+                from training.text_aug import augment_sentences
+
+                texts.append(augment_sentences(sentences, generator=rng))
+            else:
+                texts.append(" ".join(sentences))
+        return texts
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        if not 0 <= index < len(self.entries):
+            raise IndexError(f"index {index} out of range for {len(self.entries)} samples")
+        entry = self.entries[index]
+        image = np.load(self._path(entry["image"]), mmap_mode="r")
+        packed = np.load(self._path(entry["anatomy"]), mmap_mode="r")
+        width = int(entry["shape"][-1])
+        masks = np.unpackbits(np.asarray(packed[self._channels]), axis=-1, count=width).astype(bool)
+        texts = self.anatomy_texts(index)
+        mask_present = masks.reshape(masks.shape[0], -1).any(axis=1)
+        present = mask_present & np.array([bool(t) for t in texts])
+        report = " ".join(s for s in (entry.get("findings", ""), entry.get("impression", "")) if s).strip()
+        labels = np.asarray(entry["labels"], dtype=np.int64)
+        item: dict[str, Any] = {
+            "index": int(index),
+            "image": torch.from_numpy(np.asarray(image, dtype=np.float32))[None],
+            "anatomy_masks": torch.from_numpy(masks),
+            "present": torch.from_numpy(present),
+            "texts": texts,
+            "report": report or "No report.",
+            "labels": torch.from_numpy(labels),
+        }
+        if self.tags is not None:
+            sentences = {a: entry["sentences"].get(a, ()) for a in self.anatomies}
+            item["tag_targets"] = torch.from_numpy(
+                tag_targets(self.tags, labels=labels.tolist(), sentences=sentences, report=report)
+            )
+        return item
+
+
+def make_collate(tokenizer: Any, *, max_length: int = 64) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Collate function that stacks tensors and tokenizes the texts with the model's tokenizer.
+
+    The returned batch has, besides the stacked ``image`` ``[B, 1, D, H, W]``, ``anatomy_masks``
+    ``[B, A, D, H, W]``, ``present`` ``[B, A]``, ``labels`` ``[B, 18]`` (and ``tag_targets``):
+
+    * ``text_input_ids``/``text_attention_mask`` ``[T, L]``: the present anatomy texts only;
+    * ``text_index`` ``[B, A]`` long: row of each (sample, anatomy) text in those, ``-1`` if absent;
+    * ``report_input_ids``/``report_attention_mask`` ``[B, L]``: the whole reports.
+    """
+    import torch
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("collate got an empty batch")
+        batch: dict[str, Any] = {
+            key: torch.stack([it[key] for it in items])
+            for key in ("image", "anatomy_masks", "present", "labels", "tag_targets")
+            if key in items[0]
+        }
+        batch["index"] = torch.tensor([it["index"] for it in items])
+        present = batch["present"]
+        text_index = torch.full(present.shape, -1, dtype=torch.long)
+        texts: list[str] = []
+        for b, it in enumerate(items):
+            for a, text in enumerate(it["texts"]):
+                if present[b, a]:
+                    text_index[b, a] = len(texts)
+                    texts.append(text)
+        batch["text_index"] = text_index
+        if texts:
+            tok = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            batch["text_input_ids"], batch["text_attention_mask"] = tok["input_ids"], tok["attention_mask"]
+        else:
+            batch["text_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
+            batch["text_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
+        tok = tokenizer([it["report"] for it in items], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch["report_input_ids"], batch["report_attention_mask"] = tok["input_ids"], tok["attention_mask"]
+        batch["texts"] = [it["texts"] for it in items]
+        return batch
+
+    return collate
