@@ -39,6 +39,20 @@ _META_KEYWORDS = (
 )
 
 
+#: Patient/study attributes of type 2 that highdicom copies from the source images.
+_TYPE2_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+)
+
+
 def _plain(value: Any) -> Any:
     """A DICOM element value as a plain Python value (float, int, str or list)."""
     import pydicom
@@ -262,6 +276,9 @@ def _fill_missing_uids(sources: list[Any], like: CTVolume) -> None:
             if not ds.get(key):
                 setattr(ds, key, uid)
                 filled.add(key)
+        for key in _TYPE2_KEYWORDS:  # required-but-may-be-empty attributes highdicom copies
+            if key not in ds:
+                setattr(ds, key, "")
     if filled:
         logger.warning("source DICOM series lacks %s (anonymised?); filled them in for the DICOM-SEG", ", ".join(sorted(filled)))
 
