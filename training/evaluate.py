@@ -1,0 +1,355 @@
+"""Zero-shot evaluation of a checkpoint: per-abnormality metrics, template robustness, geometry.
+
+``python -m training.evaluate --checkpoint C --data CACHE_OR_ROOT [--split valid] [--out DIR]``
+
+``--data`` is a cache from :mod:`training.prepare` or a dataset in the CT-RATE layout (prepared
+on the fly into ``DIR/cache`` with the checkpoint's preprocessing). Every volume goes through the
+inference path (:func:`napari_ctvlp.engine.zero_shot.encode_volume` and
+:func:`~napari_ctvlp.engine.zero_shot.score_abnormalities`); the probability of an abnormality is
+the one in its own anatomy (``engine.anatomy``).
+
+Metrics (DESIGN.md): per abnormality AUC (scikit-learn), the threshold at the ROC point closest to
+(0, 1), then accuracy, balanced accuracy, weighted F1, precision, specificity and sensitivity;
+their mean over abnormalities; the same for every prompt template alone, and mean +- std over
+templates. Embedding geometry: the histogram of cosine similarities between text embeddings of
+different anatomies (a collapsed text space peaks near 1) and its mean, and a t-SNE of the
+anatomy embeddings (image and text side) coloured by anatomy.
+
+Writes ``metrics.json``, ``metrics.md``, ``text_similarity_hist.png``, ``tsne_anatomy.png`` and
+``scores.csv`` (one row per volume) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ctvlp.engine.anatomy import ABNORMALITY_BY_NAME, ABNORMALITY_NAMES, PROMPT_TEMPLATES
+from napari_ctvlp.engine.volume import ProgressCallback, report
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "weighted_f1", "precision", "specificity", "sensitivity")
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Summary of :func:`evaluate`; the full record is ``metrics`` (also in ``metrics.json``)."""
+
+    out_dir: Path
+    mean_auc: float
+    template_auc_mean: float
+    template_auc_std: float
+    inter_anatomy_text_cosine: float
+    metrics: dict[str, Any]
+
+
+def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """The DESIGN.md metrics of one abnormality (NaN when only one class is present)."""
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
+                                 roc_auc_score, roc_curve)
+
+    y = np.asarray(y_true).astype(int)
+    s = np.asarray(score, dtype=float)
+    keep = ~np.isnan(s) & (y >= 0)
+    y, s = y[keep], s[keep]
+    out = {k: float("nan") for k in METRIC_KEYS}
+    out.update(n=int(len(y)), n_positive=int(y.sum()), threshold=float("nan"))
+    if len(y) == 0 or y.min() == y.max():
+        return out
+    fpr, tpr, thr = roc_curve(y, s)
+    best = int(np.argmin(fpr**2 + (1.0 - tpr) ** 2))
+    threshold = float(min(thr[best], 1.0)) if np.isfinite(thr[best]) else 1.0
+    pred = (s >= threshold).astype(int)
+    tn = int(((pred == 0) & (y == 0)).sum())
+    fp = int(((pred == 1) & (y == 0)).sum())
+    out.update(
+        auc=float(roc_auc_score(y, s)), threshold=threshold, accuracy=float(accuracy_score(y, pred)),
+        balanced_accuracy=float(balanced_accuracy_score(y, pred)),
+        weighted_f1=float(f1_score(y, pred, average="weighted", zero_division=0)),
+        precision=float(precision_score(y, pred, zero_division=0)),
+        specificity=float(tn / (tn + fp)) if tn + fp else float("nan"),
+        sensitivity=float(((pred == 1) & (y == 1)).sum() / max(1, int(y.sum()))),
+    )
+    return out
+
+
+def _mean_metrics(per_abnormality: dict[str, dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for k in METRIC_KEYS:
+        vals = [m[k] for m in per_abnormality.values() if not math.isnan(m[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    out["n_abnormalities"] = int(sum(not math.isnan(m["auc"]) for m in per_abnormality.values()))
+    return out
+
+
+def metrics_table(labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
+    """Per-abnormality metrics and their mean; ``labels``/``probs`` are ``[n_volumes, K]``."""
+    per = {n: binary_metrics(labels[:, k], probs[:, k]) for k, n in enumerate(names)}
+    return {"per_abnormality": per, "mean": _mean_metrics(per)}
+
+
+def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
+                  progress: ProgressCallback | None) -> dict[str, Any]:
+    """Run the zero-shot path on every cached volume; collect probabilities and embeddings."""
+    import torch
+
+    from napari_ctvlp.engine.preprocess import PreparedVolume, PreprocessConfig
+    from napari_ctvlp.engine.zero_shot import encode_volume, score_abnormalities
+    from training.data import CachedCTDataset
+
+    ds = CachedCTDataset(cache_dir, split=split, augment_text=False, anatomies=model.config.anatomies)
+    config = PreprocessConfig.from_dict(ds.preprocess)
+    if tuple(config.image_size) != tuple(model.config.image_size):
+        raise ValueError(f"--data {cache_dir}: cache grid {config.image_size} != model input grid {model.config.image_size}")
+    n = len(ds)
+    k_names = tuple(ABNORMALITY_NAMES)
+    probs = np.full((n, len(k_names)), np.nan)
+    per_template = np.full((n, len(k_names), len(PROMPT_TEMPLATES)), np.nan)
+    labels = np.zeros((n, len(k_names)), dtype=int)
+    image_emb, text_emb, text_owner = [], [], []
+    for i, entry in enumerate(ds.entries):
+        image = np.asarray(np.load(cache_dir / split / entry["image"], mmap_mode="r"), dtype=np.float32)
+        organs = np.asarray(np.load(cache_dir / split / entry["organs"], mmap_mode="r"))
+        prepared = PreparedVolume(image=image, organs=organs, model_affine=np.eye(4), source_affine=np.eye(4),
+                                  source_shape=tuple(image.shape), source_spacing=tuple(config.spacing_mm), config=config)
+        feats = encode_volume(model, prepared, device=device)
+        scores = score_abnormalities(model, feats, templates=PROMPT_TEMPLATES, abnormalities=k_names)
+        for k, name in enumerate(k_names):
+            j = scores.primary_index(name)
+            if j is not None:
+                probs[i, k] = scores.probability[k, j]
+                per_template[i, k] = scores.per_template[k, j]
+        labels[i] = np.asarray(entry["labels"], dtype=int)
+        emb = feats.anatomy_embeddings.detach().cpu().numpy()
+        texts = ds.anatomy_texts(i)
+        present = [j for j, t in enumerate(texts) if t and feats.present[j]]
+        if present:
+            with torch.inference_mode():
+                t_emb = model.encode_text([texts[j] for j in present]).float().cpu().numpy()
+            for row, j in zip(t_emb, present):
+                image_emb.append(emb[j])
+                text_emb.append(row)
+                text_owner.append((i, j))
+        report(progress, i + 1, n, entry["volume_name"])
+    return {"probs": probs, "per_template": per_template, "labels": labels, "names": k_names,
+            "volumes": [e["volume_name"] for e in ds.entries], "image_emb": np.asarray(image_emb),
+            "text_emb": np.asarray(text_emb), "owner": np.asarray(text_owner, dtype=int).reshape(-1, 2),
+            "anatomies": tuple(model.config.anatomies)}
+
+
+def inter_anatomy_similarities(text_emb: np.ndarray, anatomy_of: np.ndarray, *, max_pairs: int = 200_000,
+                               seed: int = 0) -> np.ndarray:
+    """Cosine similarities of text embeddings belonging to *different* anatomies (all pairs, or a sample)."""
+    if len(text_emb) < 2:
+        return np.zeros(0)
+    e = text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True).clip(1e-12)
+    sim = e @ e.T
+    iu = np.triu_indices(len(e), k=1)
+    diff = anatomy_of[iu[0]] != anatomy_of[iu[1]]
+    vals = sim[iu][diff]
+    if len(vals) > max_pairs:
+        vals = np.random.default_rng(seed).choice(vals, max_pairs, replace=False)
+    return vals
+
+
+def _plots(out: Path, sims: np.ndarray, data: dict[str, Any], *, seed: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(sims, bins=50, range=(-1, 1), color="tab:blue")
+    ax.set_xlabel("cosine similarity of text embeddings of different anatomies")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"mean {np.mean(sims):.3f}" if len(sims) else "no pairs")
+    fig.tight_layout()
+    fig.savefig(out / "text_similarity_hist.png", dpi=100)
+    plt.close(fig)
+
+    from sklearn.manifold import TSNE
+
+    anatomies = data["anatomies"]
+    owner = data["owner"][:, 1] if len(data["owner"]) else np.zeros(0, int)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    for ax, key, title in ((axes[0], "image_emb", "image anatomy embeddings"), (axes[1], "text_emb", "text anatomy embeddings")):
+        emb = data[key]
+        if len(emb) >= 5:
+            perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3.0)))
+            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(emb)
+            for j, name in enumerate(anatomies):
+                sel = owner == j
+                if sel.any():
+                    ax.scatter(xy[sel, 0], xy[sel, 1], s=8, label=name)
+            ax.legend(fontsize=7, markerscale=2)
+        ax.set_title(f"t-SNE: {title}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out / "tsne_anatomy.png", dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def markdown_report(metrics: dict[str, Any]) -> str:
+    """Markdown tables of :func:`evaluate`'s ``metrics`` dict."""
+    lines = [f"# Zero-shot evaluation: {metrics['checkpoint']}", "",
+             f"Data: `{metrics['data']}` split `{metrics['split']}`, {metrics['n_volumes']} volumes; "
+             f"score = mean probability over {len(metrics['templates'])} prompt templates.", "",
+             "| abnormality | n+ / n | " + " | ".join(METRIC_KEYS) + " |",
+             "|---|---|" + "---|" * len(METRIC_KEYS)]
+    for name, m in metrics["ensemble"]["per_abnormality"].items():
+        lines.append(f"| {name} | {m['n_positive']} / {m['n']} | " + " | ".join(_fmt(m[k]) for k in METRIC_KEYS) + " |")
+    mean = metrics["ensemble"]["mean"]
+    lines.append("| **mean** | | " + " | ".join(f"**{_fmt(mean[k])}**" for k in METRIC_KEYS) + " |")
+    lines += ["", "## Per prompt template (mean over abnormalities)", "",
+              "| template | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---|" * len(METRIC_KEYS)]
+    for t in metrics["per_template"]:
+        lines.append(f"| {t['positive']} / {t['negative']} | " + " | ".join(_fmt(t['mean'][k]) for k in METRIC_KEYS) + " |")
+    over = metrics["over_templates"]
+    lines.append("| **mean +- std** | " + " | ".join(f"{_fmt(over[k]['mean'])} +- {_fmt(over[k]['std'])}"
+                                                   for k in METRIC_KEYS) + " |")
+    geo = metrics["geometry"]
+    lines += ["", "## Embedding geometry", "",
+              f"Mean cosine similarity between text embeddings of different anatomies: "
+              f"**{_fmt(geo['inter_anatomy_text_cosine_mean'])}** (std {_fmt(geo['inter_anatomy_text_cosine_std'])}, "
+              f"{geo['n_pairs']} pairs). Plots: `text_similarity_hist.png`, `tsne_anatomy.png`.", ""]
+    return "\n".join(lines)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "valid",
+    out: str | Path = "eval_out",
+    device: str = "cpu",
+    segmentation: str = "auto",
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> EvaluationResult:
+    """Evaluate a checkpoint zero-shot on a cache or a CT-RATE-layout dataset; write the reports.
+
+    Args:
+        checkpoint: checkpoint directory (or its config.json / model.safetensors).
+        data: cache folder (has ``cache.json``) or dataset root (prepared into ``out/cache``).
+        split: split to evaluate.
+        out: output folder.
+        device: torch device.
+        segmentation: how to get organ labels when ``data`` is a dataset root (see ``training.prepare``).
+        seed: t-SNE / pair sampling seed.
+        progress: ``progress(done, total, message)``.
+    """
+    import torch
+
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+    from napari_ctvlp.engine.preprocess import PreprocessConfig
+    from training.prepare import prepare_cache
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_checkpoint(checkpoint, device=device)
+    model = loaded.model.eval()
+    data = Path(data)
+    if (data / "cache.json").is_file():
+        cache = data
+        cache_pre = json.loads((data / "cache.json").read_text())["preprocess"]
+        if cache_pre != loaded.preprocessing:
+            logger.warning("--data %s was prepared with %s, the checkpoint expects %s", data, cache_pre, loaded.preprocessing)
+    elif data.is_dir():
+        cache = out / "cache"
+        result = prepare_cache(data, cache, preprocess_config=PreprocessConfig.from_dict(loaded.preprocessing),
+                               split=split, segmentation=segmentation, anatomies=tuple(model.config.anatomies))
+        if result.n_failed:
+            logger.warning("%d volumes could not be prepared: %s", result.n_failed, "; ".join(result.failures[:5]))
+    else:
+        raise ValueError(f"--data {data} is neither a cache folder nor a dataset folder")
+
+    with torch.inference_mode():
+        enc = _encode_cache(model, cache, split, device=device, progress=progress)
+    names, labels = enc["names"], enc["labels"]
+    ensemble = metrics_table(labels, enc["probs"], names)
+    per_template = []
+    for p, (pos, neg) in enumerate(PROMPT_TEMPLATES):
+        table = metrics_table(labels, enc["per_template"][:, :, p], names)
+        per_template.append({"positive": pos, "negative": neg, "mean": table["mean"],
+                             "auc": {n: table["per_abnormality"][n]["auc"] for n in names}})
+    over = {k: {"mean": float(np.nanmean([t["mean"][k] for t in per_template])),
+                "std": float(np.nanstd([t["mean"][k] for t in per_template]))} for k in METRIC_KEYS}
+    owner = enc["owner"][:, 1] if len(enc["owner"]) else np.zeros(0, int)
+    sims = inter_anatomy_similarities(enc["text_emb"], owner, seed=seed)
+    metrics = {
+        "checkpoint": str(loaded.path), "data": str(data), "split": split, "n_volumes": int(len(labels)),
+        "abnormalities": list(names),
+        "anatomy_of": {n: ABNORMALITY_BY_NAME[n].anatomy for n in names},
+        "templates": [list(t) for t in PROMPT_TEMPLATES],
+        "ensemble": ensemble, "per_template": per_template, "over_templates": over,
+        "geometry": {"inter_anatomy_text_cosine_mean": float(np.mean(sims)) if len(sims) else float("nan"),
+                     "inter_anatomy_text_cosine_std": float(np.std(sims)) if len(sims) else float("nan"),
+                     "n_pairs": int(len(sims)), "temperature": float(model.temperature())},
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    (out / "metrics.md").write_text(markdown_report(metrics))
+    rows = ["volume," + ",".join(f'"{n}"' for n in names) + "," + ",".join(f'"label {n}"' for n in names)]
+    for v, p, y in zip(enc["volumes"], enc["probs"], labels):
+        rows.append(v + "," + ",".join(f"{x:.5f}" for x in p) + "," + ",".join(str(int(x)) for x in y))
+    (out / "scores.csv").write_text("\n".join(rows) + "\n")
+    _plots(out, sims, enc, seed=seed)
+    return EvaluationResult(out, ensemble["mean"]["auc"], over["auc"]["mean"], over["auc"]["std"],
+                            metrics["geometry"]["inter_anatomy_text_cosine_mean"], metrics)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``python -m training.evaluate``."""
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    p.add_argument("--data", required=True, help="prepared cache, or a dataset in the CT-RATE layout")
+    p.add_argument("--split", default="valid", help="split (default: valid)")
+    p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--segmentation", default="auto", help="organ labels for a dataset root (see training.prepare)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m training.evaluate``."""
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    bar = tqdm(total=0, unit="vol", desc="evaluate")
+
+    def progress(done: int, total: int, message: str) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = evaluate(args.checkpoint, args.data, split=args.split, out=args.out, device=args.device,
+                          segmentation=args.segmentation, seed=args.seed, progress=progress)
+    except ValueError as exc:
+        bar.close()
+        logger.error("%s", exc)
+        return 2
+    bar.close()
+    print(f"mean AUC {result.mean_auc:.4f} | over templates {result.template_auc_mean:.4f} +- "
+          f"{result.template_auc_std:.4f} | inter-anatomy text cosine {result.inter_anatomy_text_cosine:.4f} "
+          f"-> {result.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
