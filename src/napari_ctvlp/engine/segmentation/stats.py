@@ -48,7 +48,11 @@ def organ_statistics(
     voxel_ml = float(np.prod(spacing)) / 1000.0
     flat = labels.ravel()
     counts = np.bincount(flat, minlength=256)
-    sums = np.bincount(flat, weights=hu.ravel().astype(np.float64), minlength=256)
+    sums = np.bincount(flat, weights=hu.ravel(), minlength=256)
+    on_border: set[int] = set()
+    for axis in range(labels.ndim):  # labels present on any face of the array
+        for end in (0, -1):
+            on_border.update(np.unique(np.take(labels, end, axis=axis)).tolist())
     volume_ml: dict[str, float] = {}
     mean_hu: dict[str, float] = {}
     incomplete: dict[str, bool] = {}
@@ -58,7 +62,7 @@ def organ_statistics(
             continue
         volume_ml[organ.name] = n * voxel_ml
         mean_hu[organ.name] = float(sums[organ.value] / n)
-        incomplete[organ.name] = touches_border(labels == organ.value)
+        incomplete[organ.name] = organ.value in on_border
 
     stride = _stride(labels.shape, spacing, anatomy_grid_mm)
     sl = tuple(slice(None, None, s) for s in stride)
