@@ -161,50 +161,50 @@ def describe_error(exc: BaseException | None) -> tuple[str, str]:
 
 def backend_name(result: Any) -> str:
     """Which segmentation the result used."""
-    seg = getattr(result, "segmentation", None)
-    return str(getattr(seg, "backend", "?"))
+    return str(result.segmentation.backend)
 
 
 def result_labels(result: Any) -> tuple[np.ndarray, dict[int, str]]:
     """Organ label map and ``{value: name}`` of a detection."""
     seg = result.segmentation
-    labels = np.asarray(getattr(seg, "labels", seg))
-    names = dict(getattr(seg, "names", None) or organ_label_names())
-    return labels, names
+    return np.asarray(seg.labels), dict(seg.names or organ_label_names())
 
 
 def result_rows(result: Any) -> list[ResultRow]:
     """Table rows (anatomy x abnormality) of a detection."""
     rows = []
-    for r in result.scores.rows():
+    for r in result.rows():
         p = float(r["probability"])
         ok = bool(r["assessable"]) and not math.isnan(p)
         rows.append(ResultRow(str(r["anatomy"]), str(r["abnormality"]), p if ok else float("nan"),
-                              float(r["std"]) if ok else float("nan"), ok))
+                              float(r["std"]) if ok else float("nan"), ok, bool(r.get("primary", False))))
     return rows
 
 
-def result_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.ndarray] | None:
-    """``(name, array)`` of the heatmap for a row (abnormality map, else the anatomy's)."""
-    heatmaps: dict[str, np.ndarray] = getattr(result, "heatmaps", None) or {}
-    for key in (abnormality, f"{anatomy}/{abnormality}", anatomy):
-        if key in heatmaps:
-            return key, heatmaps[key]
-    return None
+def row_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.ndarray]:
+    """``(name, array)``: the abnormality's pixel-tag attention map on the CT grid (worker thread)."""
+    del anatomy  # the tag map covers the whole CT; the view is centred on the anatomy instead
+    return abnormality, result.session.abnormality_heatmap(abnormality)
 
 
-def export_source(result: Any) -> ExportSource:
-    """What the export panel writes for a detection."""
-    from napari_ctvlp.engine import pipeline
+def export_source(result: Any, *, extra_heatmaps: dict[str, np.ndarray] | None = None) -> ExportSource:
+    """What the export panel writes for a detection (its heatmaps plus those shown since)."""
+    from napari_ctvlp.engine import results_io
+    from napari_ctvlp.engine.pipeline import write_results
 
     labels, names = result_labels(result)
     seg = result.segmentation
+    taken: set[str] = set()
+    for prompt in result.heatmaps:  # the names write_results gives the detection's prompt heatmaps
+        taken.add(results_io.heatmap_filename(prompt, taken))
+    files = (results_io.RESULTS_JSON, results_io.RESULTS_CSV, results_io.ORGANS_NIFTI, "organs.json",
+             results_io.ORGAN_STATS_CSV, *sorted(taken))
     return ExportSource(
         volume=result.volume, labels=labels, label_names=names,
-        heatmaps=dict(getattr(result, "heatmaps", None) or {}),
-        write_results=lambda out, overwrite: pipeline.write_results(result, out, overwrite=overwrite),
-        results_files=tuple(getattr(pipeline, "RESULT_FILES", ("results.csv", "results.json"))),
-        volume_ml=dict(getattr(seg, "volume_ml", {}) or {}), mean_hu=dict(getattr(seg, "mean_hu", {}) or {}),
+        heatmaps={k: v for k, v in (extra_heatmaps or {}).items() if k not in result.heatmaps},
+        write_results=lambda out, overwrite: write_results(result, out, overwrite=overwrite),
+        results_files=files, volume_ml=dict(seg.volume_ml or {}), mean_hu=dict(seg.mean_hu or {}),
+        incomplete=dict(seg.incomplete or {}),
     )
 
 
@@ -253,12 +253,12 @@ class ResultScorer:
 
     def score(self, text: str) -> list[PromptScore]:
         """Probability per anatomy of a finding sentence."""
-        score = self.result.score_prompt(text)
+        score = self.result.session.score_prompt(text)
         return [PromptScore(a, float(p)) for a, p in zip(score.anatomies, score.probability)]
 
     def robustness(self, text: str, *, paraphrases: tuple[str, ...] = ()) -> Robustness:
         """All templates + paraphrases; flags wordings whose answer differs from the majority."""
-        rob = self.result.robustness(text, paraphrases=paraphrases)
+        rob = self.result.session.robustness(text, paraphrases=paraphrases)
         probs = np.asarray(rob.probabilities, dtype=float)  # [W, A]
         rows, variants = [], []
         for j, anatomy in enumerate(rob.anatomies):
@@ -278,4 +278,4 @@ class ResultScorer:
 
     def heatmap(self, text: str) -> np.ndarray | None:
         """Prompt heatmap on the CT grid."""
-        return self.result.prompt_heatmap(text)
+        return self.result.session.prompt_heatmap(text)

@@ -100,14 +100,14 @@ class Task:
     # GUI thread -----------------------------------------------------------------------
     def _on_progress(self, done: int, total: int, message: str) -> None:
         self.messages.append(message)
-        if self._pbar is None:
+        pbar = self._pbar  # updating the bar may process events, and finish the task, re-entrantly
+        if pbar is None or self._finished:
             return
-        if total > 0 and self._pbar.total != total:
-            self._pbar.total = total
-        if total > 0:
-            self._pbar.n = min(done, total)
-        self._pbar.set_description(message)
-        self._pbar.refresh()
+        if total > 0 and pbar.total != total:
+            pbar.total = total
+        pbar.set_description(message)
+        if total > 0 and self._pbar is pbar and min(done, total) > pbar.n:
+            pbar.update(min(done, total) - pbar.n)
 
     def _on_returned(self, outcome: Outcome) -> None:
         self.outcome = outcome

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -61,7 +62,8 @@ class DetectWidget(QWidget):
     Sub-widgets are public attributes so tests and scripts can drive them: ``image_combo``,
     ``checkpoint_combo``, ``browse_checkpoint_button``, ``model_card_text``,
     ``segmentation_combo``, ``labels_combo``, ``device_combo``, ``detect_button``,
-    ``cancel_button``, ``status_label``, ``results_table``, ``prompt_panel``, ``export_panel``.
+    ``cancel_button``, ``status_label``, ``results_table``, ``primary_only_check``, ``prompt_panel``,
+    ``export_panel``; ``progress_hook`` observes a run from the worker thread.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
@@ -74,6 +76,11 @@ class DetectWidget(QWidget):
         self._run_info: dict[str, Any] = {}
         self._organ_layer: Any = None
         self._centroids: dict[str, np.ndarray | None] = {}
+        self._heatmaps: dict[str, np.ndarray] = {}
+        self._heatmap_tasks: list[Task] = []
+        #: called as ``hook(done, total, message)`` in the worker thread before each progress
+        #: update (scripts, benchmarks and tests use it to observe or pause a run)
+        self.progress_hook: Any = None
 
         # ---- inputs
         self.image_combo = QComboBox()
@@ -123,8 +130,15 @@ class DetectWidget(QWidget):
         self.prompt_panel = PromptPanel(notify=self._message)
         self.prompt_panel.heatmap_ready.connect(self._show_heatmap)
         self.export_panel = ExportPanel(self._export_source, notify=self._message)
+        self.primary_only_check = QCheckBox("only each abnormality's own anatomy (bold rows)")
+        self.primary_only_check.toggled.connect(self.results_table.set_primary_only)
+        results_page = QWidget()
+        results_layout = QVBoxLayout(results_page)
+        results_layout.setContentsMargins(0, 0, 0, 0)
+        results_layout.addWidget(self.primary_only_check)
+        results_layout.addWidget(self.results_table)
         self.tabs = QTabWidget()
-        self.tabs.addTab(self.results_table, "Results")
+        self.tabs.addTab(results_page, "Results")
         self.tabs.addTab(self.prompt_panel, "Prompts")
         self.tabs.addTab(self.export_panel, "Export")
 
@@ -269,10 +283,17 @@ class DetectWidget(QWidget):
             return None
         self._run_info = info
 
+        hook = self.progress_hook
+
         def work(progress, cancel):
+            def report(done: int, total: int, message: str) -> None:
+                if hook is not None:
+                    hook(done, total, message)
+                progress(done, total, message)
+
             return _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
                                          segmentation=info["segmentation"], device=info["device"],
-                                         progress=progress, cancel=cancel)
+                                         progress=report, cancel=cancel)
 
         self.task = Task(work, on_done=self._detection_done, desc="Detecting abnormalities", start=False)
         self._set_busy(True)
@@ -307,6 +328,10 @@ class DetectWidget(QWidget):
 
     def _show_result(self, seconds: float) -> None:
         info, result = self._run_info, self.result
+        for layer in [lyr for lyr in self.viewer.layers if lyr.metadata.get("ctvlp_heatmap")
+                      and lyr.metadata.get(OWN_LAYER_KEY)]:
+            self.viewer.layers.remove(layer)  # heatmaps of the previous result (ours only)
+        self._heatmaps = {}
         labels, names = _engine.result_labels(result)
         self._organ_layer = self._put_layer(
             f"{info['layer_name']} organs (detected)", "labels", labels,
@@ -317,7 +342,7 @@ class DetectWidget(QWidget):
         n = self.results_table.rowCount()
         self.status_label.setText(f"{n} results in {seconds:.1f} s (segmentation: {_engine.backend_name(result)}). "
                                   "Click a row to see its anatomy and heatmap.")
-        self.tabs.setCurrentWidget(self.results_table)
+        self.tabs.setCurrentIndex(0)
 
     def _put_layer(self, name: str, kind: str, data: np.ndarray, kwargs: dict[str, Any], *,
                    replace_data: bool) -> Any:
@@ -335,16 +360,32 @@ class DetectWidget(QWidget):
         return getattr(self.viewer, f"add_{kind}")(data, **kwargs)
 
     # ------------------------------------------------------------------ row / heatmaps
-    def show_row(self, anatomy: str, abnormality: str) -> None:
-        """Centre the view on ``anatomy`` and show the heatmap of ``(anatomy, abnormality)``."""
+    def show_row(self, anatomy: str, abnormality: str) -> Task | None:
+        """Centre the view on ``anatomy`` and show the heatmap of ``abnormality``.
+
+        The heatmap is computed in a worker (returned task) unless it was shown before.
+        """
         if self.result is None:
-            return
+            return None
         self.centre_on(anatomy)
-        heat = _engine.result_heatmap(self.result, anatomy, abnormality)
-        if heat is None:
-            self.status_label.setText(f"no heatmap for {abnormality} in the {anatomy}")
-            return
-        self._show_heatmap(heat[0], heat[1])
+        if abnormality in self._heatmaps:
+            self._show_heatmap(abnormality, self._heatmaps[abnormality])
+            return None
+        result = self.result
+
+        def done(outcome: Outcome) -> None:
+            if result is not self.result:
+                return  # a newer detection replaced this one
+            if outcome.ok:
+                self._show_heatmap(*outcome.value)
+            else:
+                self._message("error", f"Heatmap of {abnormality} failed: {outcome.error}")
+
+        self._heatmap_tasks = [t for t in self._heatmap_tasks if not t.finished]
+        task = Task(lambda progress, cancel: _engine.row_heatmap(result, anatomy, abnormality), on_done=done)
+        self._heatmap_tasks.append(task)
+        self.status_label.setText(f"computing the heatmap of {abnormality}...")
+        return task
 
     def centre_on(self, anatomy: str) -> np.ndarray | None:
         """Move the camera and the slider to the centroid of ``anatomy``; returns world coordinates."""
@@ -366,6 +407,7 @@ class DetectWidget(QWidget):
 
     def _show_heatmap(self, name: str, array: np.ndarray) -> Any:
         array = np.asarray(array, dtype=np.float32)
+        self._heatmaps[name] = array
         hi = float(np.nanmax(array)) if array.size else 1.0
         lo = float(np.nanmin(array)) if array.size else 0.0
         kwargs = {"colormap": "inferno", "blending": "additive", "opacity": 0.5,
@@ -385,7 +427,7 @@ class DetectWidget(QWidget):
         return outcome.value if outcome.ok else None
 
     def _export_source(self) -> Any:
-        return None if self.result is None else _engine.export_source(self.result)
+        return None if self.result is None else _engine.export_source(self.result, extra_heatmaps=self._heatmaps)
 
     def export_results(self, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Export masks, results, heatmaps and statistics of the last detection to ``out_dir``.
@@ -396,5 +438,5 @@ class DetectWidget(QWidget):
         """
         if self.result is None:
             raise RuntimeError("no detection results to export: run a detection first")
-        return export_detection(_engine.export_source(self.result), out_dir, overwrite=overwrite,
+        return export_detection(self._export_source(), out_dir, overwrite=overwrite,
                                 **self.export_panel.options())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,7 @@ logger = logging.getLogger(__name__)
 MASKS_NIFTI = "organs.nii.gz"
 MASKS_SIDECAR = "organs.json"
 MASKS_DICOM_SEG = "organs_seg.dcm"
-STATISTICS_CSV = "organ_statistics.csv"
-HEATMAP_DIR = "heatmaps"
+STATISTICS_CSV = "organ_stats.csv"
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,13 @@ class ExportSource:
         volume: the CT (its exact affine is written into every NIfTI).
         labels: organ label map on the CT grid.
         label_names: ``{value: organ name}``.
-        heatmaps: ``{name: array on the CT grid}``.
-        write_results: ``write_results(out_dir, overwrite=...) -> list[Path]`` (CSV + JSON).
+        heatmaps: ``{name: array on the CT grid}`` shown in the viewer (written as NIfTI).
+        write_results: ``write_results(out_dir, overwrite=...) -> list[Path]``
+            (``pipeline.write_results``: JSON, CSV, organ NIfTI, statistics, prompt heatmaps).
         results_files: names of the files ``write_results`` writes (checked before writing).
         volume_ml: ``{organ or "anatomy:<group>": mL}`` (computed when empty).
         mean_hu: same keys, mean HU.
+        incomplete: same keys, region touches the scan border.
     """
 
     volume: CTVolume
@@ -63,12 +63,19 @@ class ExportSource:
     results_files: tuple[str, ...] = ()
     volume_ml: dict[str, float] = field(default_factory=dict)
     mean_hu: dict[str, float] = field(default_factory=dict)
+    incomplete: dict[str, bool] = field(default_factory=dict)
 
 
-def heatmap_filename(name: str) -> str:
-    """File name of a heatmap: its name made safe (``"lung / Emphysema"`` -> ``lung_Emphysema.nii.gz``)."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_.") or "heatmap"
-    return f"{safe}.nii.gz"
+def heatmap_filenames(source: ExportSource) -> dict[str, str]:
+    """``{heatmap name: file name}`` (``heatmap_<slug>.nii.gz``, unique, not clashing with results)."""
+    from napari_ctvlp.engine.results_io import heatmap_filename
+
+    taken = set(source.results_files)
+    out: dict[str, str] = {}
+    for name in source.heatmaps:
+        out[name] = heatmap_filename(name, taken)
+        taken.add(out[name])
+    return out
 
 
 def export_paths(
@@ -80,35 +87,32 @@ def export_paths(
     heatmaps: bool = True,
     statistics: bool = True,
 ) -> list[Path]:
-    """The files :func:`export_detection` would write with these options."""
+    """The files :func:`export_detection` would write with these options (no duplicates)."""
     out_dir = Path(out_dir)
-    paths: list[Path] = []
-    if masks:
-        paths += [out_dir / MASKS_NIFTI, out_dir / MASKS_SIDECAR]
-        if source.volume.meta.get("format") == "dicom":
-            paths.append(out_dir / MASKS_DICOM_SEG)
+    names: list[str] = []
     if results and source.write_results is not None:
-        paths += [out_dir / name for name in source.results_files]
+        names += list(source.results_files)
+    if masks:
+        names += [MASKS_NIFTI, MASKS_SIDECAR]
+        if source.volume.meta.get("format") == "dicom":
+            names.append(MASKS_DICOM_SEG)
     if heatmaps:
-        paths += [out_dir / HEATMAP_DIR / heatmap_filename(n) for n in source.heatmaps]
+        names += list(heatmap_filenames(source).values())
     if statistics:
-        paths.append(out_dir / STATISTICS_CSV)
-    return paths
+        names.append(STATISTICS_CSV)
+    return [out_dir / n for n in dict.fromkeys(names)]
 
 
 def organ_statistics_rows(source: ExportSource) -> list[dict[str, Any]]:
-    """Rows ``{region, kind, volume_ml, mean_hu}`` per organ present (then per anatomy group)."""
-    volume_ml, mean_hu = dict(source.volume_ml), dict(source.mean_hu)
+    """Rows ``{region, volume_ml, mean_hu, incomplete}`` per organ and ``anatomy:<group>``."""
+    volume_ml, mean_hu, incomplete = dict(source.volume_ml), dict(source.mean_hu), dict(source.incomplete)
     if not volume_ml:
         from napari_ctvlp.engine.segmentation.stats import organ_statistics
 
-        volume_ml, mean_hu, _ = organ_statistics(source.labels, source.volume.array, source.volume.spacing)
-    rows = []
-    for key, ml in volume_ml.items():
-        kind = "anatomy" if key.startswith("anatomy:") else "organ"
-        rows.append({"region": key.split(":", 1)[-1], "kind": kind,
-                     "volume_ml": round(float(ml), 3), "mean_hu": round(float(mean_hu.get(key, np.nan)), 2)})
-    return rows
+        volume_ml, mean_hu, incomplete = organ_statistics(source.labels, source.volume.array, source.volume.spacing)
+    return [{"region": key, "volume_ml": f"{float(volume_ml[key]):.6g}",
+             "mean_hu": f"{float(mean_hu.get(key, np.nan)):.6g}",
+             "incomplete": str(bool(incomplete.get(key, False))).lower()} for key in sorted(volume_ml)]
 
 
 def export_detection(
@@ -129,9 +133,10 @@ def export_detection(
         overwrite: replace existing files; otherwise :class:`FileExistsError` before writing anything.
         masks: organ labels as NIfTI (+ JSON names) aligned with the CT; also DICOM-SEG when the
             CT was read from DICOM.
-        results: probabilities as CSV + JSON (``pipeline.write_results``).
-        heatmaps: each heatmap as float32 NIfTI under ``heatmaps/``.
-        statistics: per-organ volume (mL) and mean HU as CSV.
+        results: ``pipeline.write_results`` (results JSON + CSV, and with them the organ NIfTI,
+            the statistics CSV and the detection's prompt heatmaps).
+        heatmaps: each heatmap shown in the viewer as float32 NIfTI ``heatmap_<name>.nii.gz``.
+        statistics: per-organ and per-anatomy volume (mL) and mean HU as CSV.
     """
     from napari_ctvlp.io import write_labels, write_volume
 
@@ -143,34 +148,34 @@ def export_detection(
         raise ValueError("nothing to export: choose at least one of masks, results, heatmaps, statistics")
     existing = [p for p in planned if p.exists()]
     if existing and not overwrite:
-        names = ", ".join(str(p.relative_to(out)) for p in existing[:6]) + (" ..." if len(existing) > 6 else "")
+        names = ", ".join(p.name for p in existing[:6]) + (" ..." if len(existing) > 6 else "")
         raise FileExistsError(f"{len(existing)} file(s) already exist in {out}: {names}; "
                               "pass overwrite=True to replace them")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if masks:
-        labels = np.asarray(source.labels)
-        written += write_labels(labels, like=source.volume, path=out / MASKS_NIFTI,
-                                names=source.label_names, overwrite=overwrite)
-        if source.volume.meta.get("format") == "dicom":
-            written += write_labels(labels, like=source.volume, path=out / MASKS_DICOM_SEG,
-                                    names=source.label_names, overwrite=overwrite)
+    # every target was checked above: the writers below may replace files
     if results and source.write_results is not None:
-        written += [Path(p) for p in source.write_results(out, overwrite=overwrite)]
-    if heatmaps and source.heatmaps:
-        (out / HEATMAP_DIR).mkdir(exist_ok=True)
-        for name, array in source.heatmaps.items():
-            written.append(write_volume(np.asarray(array, dtype=np.float32), like=source.volume,
-                                        path=out / HEATMAP_DIR / heatmap_filename(name), overwrite=overwrite))
-    if statistics:
+        written += [Path(p) for p in source.write_results(out, overwrite=True)]
+    labels = np.asarray(source.labels)
+    if masks and out / MASKS_NIFTI not in written:
+        written += write_labels(labels, like=source.volume, path=out / MASKS_NIFTI,
+                                names=source.label_names, overwrite=True)
+    if masks and source.volume.meta.get("format") == "dicom":
+        written += write_labels(labels, like=source.volume, path=out / MASKS_DICOM_SEG,
+                                names=source.label_names, overwrite=True)
+    if heatmaps:
+        for name, filename in heatmap_filenames(source).items():
+            written.append(Path(write_volume(np.asarray(source.heatmaps[name], dtype=np.float32),
+                                             like=source.volume, path=out / filename, overwrite=True)))
+    if statistics and out / STATISTICS_CSV not in written:
         path = out / STATISTICS_CSV
         with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["region", "kind", "volume_ml", "mean_hu"])
+            writer = csv.DictWriter(fh, fieldnames=["region", "volume_ml", "mean_hu", "incomplete"])
             writer.writeheader()
             writer.writerows(organ_statistics_rows(source))
         written.append(path)
     logger.info("exported %d file(s) to %s", len(written), out)
-    return written
+    return list(dict.fromkeys(written))
 
 
 class ExportPanel(QWidget):
@@ -201,7 +206,7 @@ class ExportPanel(QWidget):
         row.addWidget(self.browse_button)
         self.masks_check = QCheckBox("organ masks (NIfTI; DICOM-SEG for DICOM input)")
         self.results_check = QCheckBox("results (CSV + JSON)")
-        self.heatmaps_check = QCheckBox("heatmaps (NIfTI)")
+        self.heatmaps_check = QCheckBox("heatmaps shown in the viewer (NIfTI)")
         self.stats_check = QCheckBox("organ statistics (volume mL, mean HU; CSV)")
         for box in (self.masks_check, self.results_check, self.heatmaps_check, self.stats_check):
             box.setChecked(True)

@@ -25,6 +25,8 @@ _GREY = QColor(128, 128, 128)
 KEY_ROLE = int(Qt.ItemDataRole.UserRole) + 1
 #: item role holding the numeric value used for sorting and the bar (-1: not assessable)
 VALUE_ROLE = int(Qt.ItemDataRole.UserRole) + 2
+#: item role: True when the anatomy is the abnormality's own
+PRIMARY_ROLE = int(Qt.ItemDataRole.UserRole) + 3
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ResultRow:
         probability: mean probability over templates in [0, 1]; ``nan`` when not assessable.
         std: standard deviation over templates.
         assessable: False when the anatomy is absent from the mask (no score).
+        primary: the anatomy is the abnormality's own (the detection result; others are context).
     """
 
     anatomy: str
@@ -44,6 +47,7 @@ class ResultRow:
     probability: float
     std: float
     assessable: bool
+    primary: bool = True
 
 
 def probability_color(p: float) -> QColor:
@@ -106,6 +110,7 @@ class ResultsTable(QTableWidget):
         self.verticalHeader().setVisible(False)
         self.setSortingEnabled(True)
         self.cellClicked.connect(self._on_cell_clicked)
+        self._primary_only = False
 
     def set_rows(self, rows: Iterable[ResultRow]) -> None:
         """Replace the table contents; sorted by probability, highest first."""
@@ -137,12 +142,24 @@ class ResultsTable(QTableWidget):
                 prob.setToolTip(f"{row.anatomy} is not in the segmentation: no score")
             for c, item in enumerate(items):
                 item.setData(KEY_ROLE, key)
+                item.setData(PRIMARY_ROLE, bool(row.primary))
                 if not ok:
                     item.setForeground(QBrush(_GREY))
+                if row.primary:
+                    font = item.font()
+                    font.setBold(True)
+                    item.setFont(font)
                 self.setItem(r, c, item)
         self.setSortingEnabled(True)
         self.sortItems(COLUMNS.index("probability"), Qt.SortOrder.DescendingOrder)
         self.resizeColumnsToContents()
+        self.set_primary_only(self._primary_only)
+
+    def set_primary_only(self, on: bool) -> None:
+        """Show only each abnormality's own anatomy (bold rows) or every anatomy."""
+        self._primary_only = bool(on)
+        for r in range(self.rowCount()):
+            self.setRowHidden(r, self._primary_only and not self.item(r, 0).data(PRIMARY_ROLE))
 
     def row_values(self, row: int) -> dict[str, object]:
         """Displayed values of a row as ``{column: value}`` (probability as float or the text)."""

@@ -1,0 +1,258 @@
+"""End-to-end tests of the detection widget on a small phantom with a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt
+
+from napari_ctvlp.widgets.detect_widget import LABELS_LAYER_CHOICE, DetectWidget
+from napari_ctvlp.widgets.results_table import NOT_ASSESSABLE
+
+pytestmark = pytest.mark.gui
+
+N_ROWS = 7 * 18  # anatomy x abnormality of the tiny model (all 7 anatomies)
+WAIT_MS = 60_000
+
+
+def _snapshot(viewer):
+    return [(layer.name, type(layer).__name__, np.array(layer.data, copy=True)) for layer in viewer.layers]
+
+
+def _same_layers(viewer, snapshot) -> bool:
+    now = _snapshot(viewer)
+    return [(n, t) for n, t, _ in now] == [(n, t) for n, t, _ in snapshot] and all(
+        np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(now, snapshot))
+
+
+def _widget(viewer, qtbot, checkpoint) -> DetectWidget:
+    widget = DetectWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.set_checkpoint(checkpoint)
+    widget.set_segmentation(LABELS_LAYER_CHOICE)
+    widget.labels_combo.setCurrentText("reference organs")
+    widget.device_combo.setCurrentText("cpu")
+    return widget
+
+
+def _detect(widget, qtbot) -> None:
+    qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
+    assert widget.task is not None
+    qtbot.waitUntil(lambda: widget.task.finished, timeout=WAIT_MS)
+
+
+def _click_row(qtbot, table, row: int) -> None:
+    rect = table.visualRect(table.model().index(row, 0))
+    qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
+
+
+def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny_checkpoint):
+    viewer = ct_viewer
+    ct = viewer.layers["ct"]
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    assert "Tiny test model" in widget.model_card_text.toPlainText()
+    before = _snapshot(viewer)
+
+    _detect(widget, qtbot)
+    assert widget.task.outcome.ok, widget.task.outcome.error
+    assert widget.cancel_button.isEnabled() is False and widget.detect_button.isEnabled()
+
+    # organ Labels layer: aligned with the CT, organ names as features
+    organs = viewer.layers["ct organs (detected)"]
+    assert type(organs).__name__ == "Labels"
+    np.testing.assert_allclose(organs.scale, ct.scale)
+    np.testing.assert_allclose(organs.translate, ct.translate)
+    assert organs.data.shape == ct.data.shape
+    assert "lung_left" in list(organs.features["organ"]) and "heart" in list(organs.features["organ"])
+    # the user's layers are untouched (the organ layer was appended)
+    assert [layer.name for layer in viewer.layers][: len(before)] == [n for n, _, _ in before]
+    assert all(np.array_equal(viewer.layers[n].data, d) for n, _, d in before)
+
+    # table: anatomy x abnormality, probabilities in [0, 1] or "not assessable"
+    table = widget.results_table
+    assert table.rowCount() == N_ROWS
+    values = [table.row_values(r) for r in range(table.rowCount())]
+    assert {(v["anatomy"], v["abnormality"]) for v in values} == {
+        (r["anatomy"], r["abnormality"]) for r in widget.result.rows()}
+    for v in values:
+        assert v["probability"] == NOT_ASSESSABLE or 0.0 <= v["probability"] <= 1.0
+    probs = [v["probability"] for v in values if v["probability"] != NOT_ASSESSABLE]
+    assert probs == sorted(probs, reverse=True)  # sorted by probability
+    # sortable by clicking the header (anatomy ascending)
+    table.sortItems(0, Qt.SortOrder.AscendingOrder)
+    anatomies = [table.item(r, 0).text() for r in range(table.rowCount())]
+    assert anatomies == sorted(anatomies)
+    widget.primary_only_check.setChecked(True)
+    assert sum(not table.isRowHidden(r) for r in range(table.rowCount())) == 18
+    widget.primary_only_check.setChecked(False)
+
+    # click a heart row: view centred on the heart, heatmap layer with the CT's shape and scale
+    row = table.find_row("heart", "Cardiomegaly")
+    _click_row(qtbot, table, row)
+    qtbot.waitUntil(lambda: "heatmap: Cardiomegaly" in viewer.layers, timeout=WAIT_MS)
+    heat = viewer.layers["heatmap: Cardiomegaly"]
+    assert heat.data.shape == ct.data.shape
+    np.testing.assert_allclose(heat.scale, ct.scale)
+    assert heat.blending == "additive" and heat.colormap.name == "inferno" and heat.opacity == pytest.approx(0.5)
+    heart = np.argwhere(organs.data == 10).mean(axis=0)
+    expected = np.asarray(ct.data_to_world(heart))
+    np.testing.assert_allclose(viewer.dims.point, expected, atol=1.5 * max(ct.scale))
+    # a second click on the same row reuses the layer
+    n_layers = len(viewer.layers)
+    _click_row(qtbot, table, row)
+    qtbot.wait(200)
+    assert len(viewer.layers) == n_layers
+
+
+def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_checkpoint):
+    viewer = ct_viewer
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    panel = widget.prompt_panel
+    assert not panel.score_button.isEnabled()  # nothing to score before a detection
+    _detect(widget, qtbot)
+    assert panel.score_button.isEnabled()
+
+    qtbot.keyClicks(panel.prompt_edit, "small left pleural effusion")
+    qtbot.keyClick(panel.prompt_edit, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: panel.task is not None and panel.task.finished, timeout=WAIT_MS)
+    assert panel.task.outcome.ok, panel.task.outcome.error
+    assert panel.score_table.rowCount() == 7
+    anatomies = {panel.score_table.item(r, 0).text() for r in range(7)}
+    assert {"lung", "heart", "aorta"} <= anatomies
+    for s in panel.last_scores:
+        assert 0.0 <= s.probability <= 1.0
+    assert panel.task.outcome.seconds < 5.0  # only the text encoder runs
+
+    panel.paraphrase_edit.setPlainText("Fluid collects around the left lung.\n\nThe pleural space holds fluid.")
+    qtbot.mouseClick(panel.robustness_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: panel.task.finished, timeout=WAIT_MS)
+    assert panel.task.outcome.ok, panel.task.outcome.error
+    rob = panel.last_robustness
+    assert panel.robustness_table.rowCount() == 7
+    assert panel.variants_table.rowCount() == 7 * (6 + 2)  # 6 templates + 2 paraphrases per anatomy
+    prompts = {panel.variants_table.item(r, 0).text().lstrip("\u26a0 ") for r in range(panel.variants_table.rowCount())}
+    assert "Fluid collects around the left lung." in prompts
+    for row in rob.rows:
+        assert 0.0 <= row.mean <= 1.0 and row.std >= 0.0
+    assert len(panel.flipped_rows()) == sum(row.flips for row in rob.rows)
+
+    qtbot.mouseClick(panel.heatmap_button, Qt.MouseButton.LeftButton)
+    name = "heatmap: prompt: small left pleural effusion"
+    qtbot.waitUntil(lambda: name in viewer.layers, timeout=WAIT_MS)
+    assert viewer.layers[name].data.shape == viewer.layers["ct"].data.shape
+
+
+def test_export_round_trip_never_overwrites_without_asking(ct_viewer, qtbot, tiny_checkpoint, tmp_path, phantom):
+    import nibabel as nib
+
+    volume, organs = phantom
+    widget = _widget(ct_viewer, qtbot, tiny_checkpoint)
+    with pytest.raises(RuntimeError):
+        widget.export_results(tmp_path / "early")
+    _detect(widget, qtbot)
+    out = tmp_path / "export"
+    files = widget.export_results(out, overwrite=False)
+    names = {p.name for p in files}
+    assert {"results.csv", "results.json", "organs.nii.gz", "organs.json", "organ_stats.csv"} <= names
+    assert all(p.is_file() for p in files)
+    img = nib.load(out / "organs.nii.gz")
+    np.testing.assert_allclose(img.affine, volume.affine, atol=1e-5)
+    assert np.array_equal(np.asarray(img.dataobj).transpose(2, 1, 0), organs)
+    stats = (out / "organ_stats.csv").read_text().splitlines()
+    assert stats[0].startswith("region,volume_ml,mean_hu") and any(line.startswith("heart,") for line in stats)
+
+    stamp = {p: p.stat().st_mtime_ns for p in files}
+    (out / "results.csv").write_text("user edit")
+    with pytest.raises(FileExistsError):
+        widget.export_results(out, overwrite=False)
+    assert (out / "results.csv").read_text() == "user edit"
+
+    # the Export button asks first: "No" keeps the files, "Yes" replaces them
+    panel = widget.export_panel
+    panel.folder_edit.setText(str(out))
+    asked = []
+    panel.confirm_overwrite = lambda existing: asked.append(existing) or False
+    qtbot.mouseClick(panel.export_button, Qt.MouseButton.LeftButton)
+    assert asked and (out / "results.csv").read_text() == "user edit"
+    panel.confirm_overwrite = lambda existing: True
+    qtbot.mouseClick(panel.export_button, Qt.MouseButton.LeftButton)
+    assert (out / "results.csv").read_text().startswith("anatomy,abnormality,probability")
+    assert all(p.stat().st_mtime_ns >= stamp[p] for p in files)
+
+
+def test_cancel_stops_the_run_without_adding_layers(ct_viewer, qtbot, tiny_checkpoint):
+    viewer = ct_viewer
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    reached, release = threading.Event(), threading.Event()
+
+    def hook(done, total, message):  # runs in the worker thread: pause at the segmentation stage
+        if message == "segmentation":
+            reached.set()
+            release.wait(30)
+
+    widget.progress_hook = hook
+    before = _snapshot(viewer)
+    qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(reached.is_set, timeout=WAIT_MS)
+    assert widget.busy and widget.cancel_button.isEnabled() and not widget.detect_button.isEnabled()
+    qtbot.mouseClick(widget.cancel_button, Qt.MouseButton.LeftButton)
+    assert widget.task.cancel_event.is_set()
+    release.set()
+    qtbot.waitUntil(lambda: widget.task.finished, timeout=WAIT_MS)
+    assert type(widget.task.outcome.error).__name__ == "DetectionCancelled"
+    assert widget.result is None
+    assert _same_layers(viewer, before)
+    assert widget.detect_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert widget.messages[-1][0] == "info" and "cancel" in widget.messages[-1][1].lower()
+
+
+def test_errors_become_notifications_and_keep_layers(ct_viewer, make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+    from napari.utils.notifications import notification_manager
+
+    # no image layer at all
+    empty = make_napari_viewer()
+    empty.add_points(np.zeros((2, 3)), name="pts")
+    widget = DetectWidget(empty)
+    qtbot.addWidget(widget)
+    n = len(notification_manager.records)
+    qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
+    assert widget.task is None
+    assert len(notification_manager.records) > n
+    assert "No CT image layer" in str(notification_manager.records[-1].message)
+
+    # a broken checkpoint folder: the run fails in the worker, notification, layers intact
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes(b"garbage")
+    viewer = ct_viewer
+    widget = _widget(viewer, qtbot, broken)
+    before = _snapshot(viewer)
+    n = len(notification_manager.records)
+    _detect(widget, qtbot)
+    assert not widget.task.outcome.ok
+    assert widget.messages[-1][0] == "error"
+    assert len(notification_manager.records) > n
+    assert _same_layers(viewer, before)
+
+    # a mask layer of the wrong shape: refused before any work starts
+    viewer.add_labels(np.zeros((4, 4, 4), dtype=np.uint8), name="small mask")
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.labels_combo.setCurrentText("small mask")
+    before = _snapshot(viewer)
+    widget.task = None
+    qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
+    assert widget.task is None and "shape" in widget.messages[-1][1]
+    assert _same_layers(viewer, before)
+
+
+def test_run_blocking_and_export_as_in_the_demo(ct_viewer, qtbot, tiny_checkpoint, tmp_path):
+    widget = _widget(ct_viewer, qtbot, tiny_checkpoint)
+    result = widget.run_blocking(timeout=60)
+    assert result is not None and result is widget.result
+    assert not any(math.isnan(v) for v in [r["std"] for r in result.rows() if r["assessable"]])
+    files = widget.export_results(tmp_path / "demo", overwrite=True)
+    assert (tmp_path / "demo" / "results.json").is_file() and files
