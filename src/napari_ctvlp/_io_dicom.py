@@ -112,14 +112,20 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
         ds = _read_header(f)
         if ds is None:
             continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
+        try:  # pydicom converts values lazily: a corrupt element raises on first access
+            uid = str(ds.get("SeriesInstanceUID", ""))
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            is_slice = _is_slice(ds)
+        except Exception as exc:
+            logger.warning("skipping unreadable DICOM file %s: %s", f, _one_line(exc))
+            continue
         if wanted is not None and uid != wanted:
             continue
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        if frames > 1:
             multiframe += 1
             continue
-        if not _is_slice(ds):
-            logger.info("ignoring %s: not an image slice (%s)", f.name, ds.get("SOPClassUID", "?"))
+        if not is_slice:
+            logger.info("ignoring %s: not an image slice", f.name)
             continue
         series.setdefault(uid, []).append((f, ds))
     if not series:
@@ -206,7 +212,22 @@ def _pixels(path: Path, ds: Any) -> np.ndarray:
 
 
 def read_dicom_series(path: Path, *, progress: ProgressCallback | None = None) -> CTVolume:
-    """Read the one DICOM series at ``path`` (a series folder or one of its files)."""
+    """Read the one DICOM series at ``path`` (a series folder or one of its files).
+
+    Raises:
+        CTReadError: anything wrong with the files, as one line naming the file or folder.
+    """
+    try:
+        with warnings.catch_warnings():  # pydicom warns about every malformed value
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+            return _read_series(path, progress)
+    except CTReadError:
+        raise
+    except Exception as exc:  # lazily parsed DICOM values can fail anywhere
+        raise _fail(path, f"invalid DICOM data ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_series(path: Path, progress: ProgressCallback | None) -> CTVolume:
     import pydicom
 
     folder, items = _collect(path, progress)

@@ -170,7 +170,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None, region: 
 _edits = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8)
 _cut = st.none() | st.integers(0, 10**6)
 _fuzz = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 
