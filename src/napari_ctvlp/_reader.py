@@ -90,3 +90,7 @@ def read_layers(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     """Read one path or each of a list of paths into napari Image layer tuples."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     return [layer_data(io.read_ct(p)) for p in paths]
+
+
+#: Alias used by the sample-data contribution.
+ct_image_layer = layer_data
