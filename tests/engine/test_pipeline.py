@@ -248,3 +248,16 @@ def test_detect_on_real_ct_with_totalsegmentator_labels(realdata: Path, tmp_path
     # a TotalSegmentator file given by path is recognised as such
     auto = detect(volume, checkpoint=checkpoint, segmentation=str(seg_path), device="cpu", heatmaps=False)
     np.testing.assert_array_equal(auto.segmentation.labels, seg.labels)
+
+
+@pytest.mark.gpu
+def test_detect_on_cuda_matches_cpu(case, checkpoint) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    kw = dict(checkpoint=checkpoint, segmentation=case["organs"], prompts=["pleural effusion"])
+    gpu = detect(case["volume"], device="cuda", **kw)
+    cpu = detect(case["volume"], device="cpu", **kw)
+    assert gpu.device == "cuda"
+    np.testing.assert_allclose(gpu.probabilities.probability, cpu.probabilities.probability, atol=2e-3)
+    np.testing.assert_allclose(gpu.heatmaps["pleural effusion"], cpu.heatmaps["pleural effusion"], atol=2e-2)
+    assert np.isfinite(gpu.rescore("Cardiomegaly.").probability).all()
