@@ -65,7 +65,7 @@ def _tiny_checkpoint(directory: Path, fov_mm: float) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", 160.0)
+    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", 400.0)
 
 
 @pytest.fixture(scope="module")
