@@ -44,6 +44,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         segmentation=args.segmentation,
         device=args.device,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
     )
 
 
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--segmentation", default="auto",
                    help="auto|totalsegmentator|builtin|threshold or a MASK.nii.gz (default auto)")
     d.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    d.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_detect)
 
     s = sub.add_parser("segment", help="organ masks only")
