@@ -131,7 +131,10 @@ def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_chec
     qtbot.waitUntil(lambda: panel.task.finished, timeout=WAIT_MS)
     assert panel.task.outcome.ok, panel.task.outcome.error
     rob = panel.last_robustness
-    assert panel.robustness_table.rowCount() == 7
+    assert panel.score_table.rowCount() == 7  # robustness columns added to the per-anatomy table
+    assert sorted(panel.flipped_anatomies()) == sorted(row.anatomy for row in rob.rows if row.flips)
+    lung = next(r for r in range(7) if panel.score_table.item(r, 0).text() == "lung")
+    assert "+-" in panel.score_table.item(lung, 2).text()
     assert panel.variants_table.rowCount() == 7 * (6 + 2)  # 6 templates + 2 paraphrases per anatomy
     prompts = {panel.variants_table.item(r, 0).text().lstrip("\u26a0 ") for r in range(panel.variants_table.rowCount())}
     assert "Fluid collects around the left lung." in prompts
@@ -256,3 +259,46 @@ def test_run_blocking_and_export_as_in_the_demo(ct_viewer, qtbot, tiny_checkpoin
     assert not any(math.isnan(v) for v in [r["std"] for r in result.rows() if r["assessable"]])
     files = widget.export_results(tmp_path / "demo", overwrite=True)
     assert (tmp_path / "demo" / "results.json").is_file() and files
+
+
+def test_out_of_memory_and_2d_layer_are_reported(ct_viewer, qtbot, tiny_checkpoint):
+    viewer = ct_viewer
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+
+    def hook(done, total, message):  # the allocation fails inside the engine's worker thread
+        if message == "image features":
+            raise MemoryError("cannot allocate 80 GiB")
+
+    widget.progress_hook = hook
+    before = _snapshot(viewer)
+    _detect(widget, qtbot)
+    level, text = widget.messages[-1]
+    assert level == "error" and "Out of memory" in text
+    assert _same_layers(viewer, before) and widget.result is None
+
+    viewer.add_image(np.zeros((20, 30), dtype=np.float32), name="slice")
+    widget.image_combo.setCurrentText("slice")
+    widget.task = None
+    qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
+    assert widget.task is None and "3D" in widget.messages[-1][1]
+
+
+@pytest.mark.realdata
+def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, tiny_checkpoint, realdata):
+    from napari_ctvlp._layers import organ_labels_layer
+    from napari_ctvlp.engine.segmentation import from_label_file
+
+    viewer = make_napari_viewer()
+    (ct,) = viewer.open(str(realdata / "example_ct.nii.gz"), plugin="napari-ctvlp")
+    volume = ct.metadata["ctvlp_volume"]
+    seg = from_label_file(realdata / "example_seg_fast_force_split.nii.gz", like=volume, kind="totalseg")
+    data, kwargs, _ = organ_labels_layer(seg.labels, volume, name="reference organs")
+    viewer.add_labels(data, **kwargs)
+    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget.image_combo.setCurrentText(ct.name)
+    _detect(widget, qtbot)
+    assert widget.task.outcome.ok, widget.task.outcome.error
+    organs = viewer.layers[f"{ct.name} organs (detected)"]
+    np.testing.assert_allclose(organs.scale, (3.0, 3.0, 3.0))
+    assert np.array_equal(organs.data, seg.labels)
+    assert widget.results_table.rowCount() == N_ROWS

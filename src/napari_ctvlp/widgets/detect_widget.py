@@ -378,6 +378,7 @@ class DetectWidget(QWidget):
                 return  # a newer detection replaced this one
             if outcome.ok:
                 self._show_heatmap(*outcome.value)
+                self.status_label.setText(f"{abnormality}: heatmap shown, view centred on the {anatomy}")
             else:
                 self._message("error", f"Heatmap of {abnormality} failed: {outcome.error}")
 

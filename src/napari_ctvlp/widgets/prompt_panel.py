@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QGroupBox,
     QHBoxLayout,
+    QHeaderView,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
@@ -36,7 +37,9 @@ if TYPE_CHECKING:
     from napari_ctvlp.widgets._engine import PromptScore, ResultScorer, Robustness
 
 logger = logging.getLogger(__name__)
-_RED = QColor(220, 40, 40)
+_RED = QColor(230, 50, 50)
+#: columns of the per-anatomy table (the last two are filled by the robustness check)
+SCORE_COLUMNS = ("anatomy", "probability", "mean +- std", "flips")
 _GREY = QColor(128, 128, 128)
 
 
@@ -66,9 +69,13 @@ def _prob_item(p: float) -> QTableWidgetItem:
 class PromptPanel(QWidget):
     """Type a finding, score it per anatomy, run the robustness check, show its heatmap.
 
+    One per-anatomy table (``score_table``) holds the prompt's probability and, after the
+    robustness check, the mean +- std over wordings and the number of wordings whose answer
+    flips (red); ``variants_table`` lists every wording's probability, flipped ones in red.
+
     Attributes (driven by tests): ``prompt_edit``, ``score_button``, ``score_table``,
-    ``paraphrase_edit``, ``robustness_button``, ``robustness_table``, ``variants_table``,
-    ``heatmap_button``, ``status_label``; ``task`` is the running/last :class:`Task`.
+    ``paraphrase_edit``, ``robustness_button``, ``variants_table``, ``heatmap_button``,
+    ``status_label``; ``task`` is the running/last :class:`Task`.
     """
 
     #: (layer name, heatmap array on the CT grid) for the prompt heatmap
@@ -91,23 +98,33 @@ class PromptPanel(QWidget):
         row.addWidget(self.prompt_edit, 1)
         row.addWidget(self.score_button)
 
-        self.score_table = _table(("anatomy", "probability"), "ctvlp_prompt_scores")
+        self.score_table = _table(SCORE_COLUMNS, "ctvlp_prompt_scores")
         self.score_table.setItemDelegateForColumn(1, ProbabilityBarDelegate(self.score_table))
+        self.score_table.setMinimumHeight(7 * 26 + 30)
+        header = self.score_table.horizontalHeader()
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.Fixed)
+        header.resizeSection(1, 110)
 
         self.paraphrase_edit = QPlainTextEdit()
         self.paraphrase_edit.setPlaceholderText("Paraphrases, one per line (optional)")
         self.paraphrase_edit.setMaximumHeight(70)
-        self.robustness_button = QPushButton("Robustness over templates")
+        self.robustness_button = QPushButton("Robustness over templates + paraphrases")
         self.robustness_button.clicked.connect(self.run_robustness)
-        self.robustness_table = _table(("anatomy", "mean +- std", "flips"), "ctvlp_robustness")
         self.variants_table = _table(("prompt", "anatomy", "probability"), "ctvlp_prompt_variants")
         self.variants_table.setItemDelegateForColumn(2, ProbabilityBarDelegate(self.variants_table))
+        header = self.variants_table.horizontalHeader()
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        header.resizeSection(2, 110)
         robust_box = QGroupBox("Robustness")
         rb = QVBoxLayout(robust_box)
+        rb.setContentsMargins(4, 4, 4, 4)
         rb.addWidget(self.paraphrase_edit)
         rb.addWidget(self.robustness_button)
-        rb.addWidget(self.robustness_table)
-        rb.addWidget(self.variants_table)
+        rb.addWidget(self.variants_table, 1)
 
         self.heatmap_button = QPushButton("Show prompt heatmap")
         self.heatmap_button.clicked.connect(self.show_heatmap)
@@ -119,7 +136,7 @@ class PromptPanel(QWidget):
         layout.addLayout(row)
         layout.addWidget(self.score_table)
         layout.addWidget(self.heatmap_button)
-        layout.addWidget(robust_box)
+        layout.addWidget(robust_box, 1)
         layout.addWidget(self.status_label)
         self._update_enabled()
 
@@ -128,7 +145,6 @@ class PromptPanel(QWidget):
         """Use the features of a new detection (``None``: disable the panel)."""
         self._scorer = scorer
         self.score_table.setRowCount(0)
-        self.robustness_table.setRowCount(0)
         self.variants_table.setRowCount(0)
         self.status_label.setText("Type a finding and press Enter." if scorer else
                                   "Run a detection first: prompts reuse its image features.")
@@ -181,13 +197,25 @@ class PromptPanel(QWidget):
         scorer = self._scorer
         return self._start(lambda progress, cancel: scorer.score(text), lambda o: self._show_scores(text, o))
 
+    def _anatomy_row(self, anatomy: str) -> int:
+        """Row of ``anatomy`` in ``score_table`` (appended when missing)."""
+        table = self.score_table
+        for r in range(table.rowCount()):
+            if table.item(r, 0).text() == anatomy:
+                return r
+        r = table.rowCount()
+        table.setRowCount(r + 1)
+        table.setItem(r, 0, QTableWidgetItem(anatomy))
+        for c in range(1, len(SCORE_COLUMNS)):
+            table.setItem(r, c, QTableWidgetItem(""))
+        return r
+
     def _show_scores(self, text: str, outcome: Outcome) -> None:
         scores: list[PromptScore] = outcome.value
         self.last_scores = scores
-        self.score_table.setRowCount(len(scores))
-        for r, s in enumerate(scores):
-            self.score_table.setItem(r, 0, QTableWidgetItem(s.anatomy))
-            self.score_table.setItem(r, 1, _prob_item(s.probability))
+        self.score_table.setRowCount(0)  # a new prompt: the robustness columns are stale
+        for s in scores:
+            self.score_table.setItem(self._anatomy_row(s.anatomy), 1, _prob_item(s.probability))
         self.status_label.setText(f"'{text}' scored in {outcome.seconds:.2f} s")
 
     def run_robustness(self) -> Task | None:
@@ -204,20 +232,23 @@ class PromptPanel(QWidget):
     def _show_robustness(self, outcome: Outcome) -> None:
         rob: Robustness = outcome.value
         self.last_robustness = rob
-        self.robustness_table.setRowCount(len(rob.rows))
-        for r, row in enumerate(rob.rows):
-            items = [QTableWidgetItem(row.anatomy),
-                     QTableWidgetItem(f"{row.mean:.3f} +- {row.std:.3f}"),
-                     QTableWidgetItem(str(row.flips))]
-            for c, item in enumerate(items):
+        for row in rob.rows:
+            r = self._anatomy_row(row.anatomy)
+            if math.isnan(row.mean):
+                items = {2: QTableWidgetItem("not assessable"), 3: QTableWidgetItem("")}
+            else:
+                items = {2: QTableWidgetItem(f"{row.mean:.3f} +- {row.std:.3f}"),
+                         3: QTableWidgetItem(("\u26a0 " if row.flips else "") + str(row.flips))}
+            for c, item in items.items():
                 if row.flips:
                     item.setForeground(QBrush(_RED))
                     item.setToolTip(f"{row.flips} wording(s) give the opposite answer in the {row.anatomy}")
-                self.robustness_table.setItem(r, c, item)
+                self.score_table.setItem(r, c, item)
         self.variants_table.setRowCount(len(rob.variants))
         for r, v in enumerate(rob.variants):
             items = [QTableWidgetItem(("\u26a0 " if v.flipped else "") + v.prompt),
                      QTableWidgetItem(v.anatomy), _prob_item(v.probability)]
+            items[0].setToolTip(v.prompt)
             for c, item in enumerate(items):
                 if v.flipped:
                     item.setForeground(QBrush(_RED))
@@ -241,6 +272,12 @@ class PromptPanel(QWidget):
             self.heatmap_ready.emit(f"prompt: {text}", outcome.value)
 
         return self._start(lambda progress, cancel: scorer.heatmap(text), done)
+
+    def flipped_anatomies(self) -> list[str]:
+        """Anatomies of ``score_table`` flagged in red by the robustness check."""
+        t = self.score_table
+        return [t.item(r, 0).text() for r in range(t.rowCount())
+                if t.item(r, 3) is not None and t.item(r, 3).foreground().color() == _RED]
 
     def flipped_rows(self) -> list[int]:
         """Rows of ``variants_table`` shown in red (flipped answers)."""

@@ -19,7 +19,7 @@ from qtpy.QtWidgets import (
 )
 
 NOT_ASSESSABLE = "not assessable"
-COLUMNS = ("anatomy", "abnormality", "probability", "std", "assessable")
+COLUMNS = ("anatomy", "abnormality", "probability", "std", "assessable?")
 _GREY = QColor(128, 128, 128)
 #: item role holding the row's (anatomy, abnormality) key
 KEY_ROLE = int(Qt.ItemDataRole.UserRole) + 1
@@ -105,8 +105,11 @@ class ResultsTable(QTableWidget):
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setItemDelegateForColumn(COLUMNS.index("probability"), ProbabilityBarDelegate(self))
         header = self.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        header.setStretchLastSection(True)
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(COLUMNS.index("probability"), QHeaderView.ResizeMode.Fixed)
+        header.resizeSection(COLUMNS.index("probability"), 110)
+        header.setStretchLastSection(False)
         self.verticalHeader().setVisible(False)
         self.setSortingEnabled(True)
         self.cellClicked.connect(self._on_cell_clicked)
@@ -152,7 +155,6 @@ class ResultsTable(QTableWidget):
                 self.setItem(r, c, item)
         self.setSortingEnabled(True)
         self.sortItems(COLUMNS.index("probability"), Qt.SortOrder.DescendingOrder)
-        self.resizeColumnsToContents()
         self.set_primary_only(self._primary_only)
 
     def set_primary_only(self, on: bool) -> None:
