@@ -139,7 +139,7 @@ def arterial_wall_calcification(ctx: _Ctx, rng) -> dict:
     from .phantom import AORTA
 
     segs = polyline(ctx.geo["aorta"], ctx.geo["aorta_r"])[2:9]
-    for _ in range(int(rng.integers(6, 13))):
+    for _ in range(int(rng.integers(8, 16))):
         p0, p1, r0, r1 = segs[int(rng.integers(len(segs)))]
         t = float(rng.uniform(0, 1))
         a, b = np.asarray(p0, np.float32), np.asarray(p1, np.float32)
@@ -280,11 +280,11 @@ def fibrotic_sequela(ctx: _Ctx, rng) -> dict:
         return {"locations": []}
     c, lobe = got
     segs = []
-    for _ in range(int(rng.integers(10, 17))):
+    for _ in range(int(rng.integers(14, 24))):
         p0 = np.asarray(c) + rng.uniform(-18, 18, 3)
         d = rng.standard_normal(3)
         p1 = p0 + d / np.linalg.norm(d) * rng.uniform(20, 45)
-        r = _thin(ctx, float(rng.uniform(1.4, 2.2)))
+        r = _thin(ctx, float(rng.uniform(1.8, 2.6)))
         segs.append((tuple(p0), tuple(p1), r, r))
     from .phantom import _tube
 
