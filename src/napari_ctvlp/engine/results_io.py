@@ -203,7 +203,8 @@ def run_detect_cli(
     out_root = Path(out)
     used: set[str] = set()
     failed = 0
-    bar = tqdm(total=len(inputs), file=sys.stderr, unit="scan", disable=quiet, desc="detect")
+    bar = tqdm(total=len(inputs), file=sys.stderr, unit="scan", desc="detect",
+               disable=True if quiet else None)  # None: no bar when stderr is not a terminal
     for item in inputs:
         stem, i = _input_stem(str(item)), 2
         name = stem
@@ -225,7 +226,10 @@ def run_detect_cli(
             return 130
         except Exception as exc:  # noqa: BLE001 - per-input failure: one line, go on with the rest
             logger.debug("detect failed for %s", item, exc_info=True)
-            bar.write(f"napari-ctvlp detect: {item}: {_one_line(exc)}", file=sys.stderr)
+            message = _one_line(exc)
+            if str(item) not in message:
+                message = f"{item}: {message}"
+            bar.write(f"napari-ctvlp detect: {message}", file=sys.stderr)
             failed += 1
         bar.update(1)
     bar.close()
