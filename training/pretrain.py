@@ -154,6 +154,14 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
     tp, op, lp, dp = params.train, params.optim, params.loss, params.data
     if not dp.get("cache"):
         raise ValueError("data.cache is not set: pass --set data.cache=/path/to/cache (from training.prepare)")
+    # fail early, before building the model
+    from training.data import load_manifest
+
+    load_manifest(dp["cache"], dp.get("split", "train"))
+    if resume and _latest_checkpoint(run_dir) is None:
+        raise ValueError(f"--resume: {run_dir} has no checkpoint (latest.json)")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume or choose another --name")
     dist = init_distributed(device=tp.get("device"))
     is_main = dist.is_main
     device = torch.device(dist.device)
@@ -221,8 +229,6 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
         if is_main:
             _truncate_metrics(metrics_path, step)
             logger.info("resumed %s at step %d of %d", ckpt, step, total_steps)
-    elif is_main and metrics_path.exists():
-        raise ValueError(f"{run_dir} already holds a run; pass --resume or choose another --name")
 
     writer = None
     if is_main:

@@ -1,0 +1,123 @@
+"""training.pretrain on a tiny phantom cache: a real run, checkpoints, exact resume, SIGTERM, params."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phantom_cache import tiny_argv, tiny_cache
+from training import pretrain
+from training.params import load_params
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_cache(tmp_path_factory.mktemp("pre"), n=6, seed=11)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss/total"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_finite_losses_and_loadable_checkpoints(cache: Path, straight_run: Path) -> None:
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+
+    run = straight_run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # 6 samples / batch 3 = 2 steps x 2 epochs
+    for r in rows:
+        for key in ("loss/total", "loss/local", "loss/global", "loss/irc", "loss/mlr"):
+            assert np.isfinite(r[key]), (key, r)
+        assert r["loss/global"] > 0 and r["loss/irc"] > 0
+    assert rows[0]["lr"] > rows[-1]["lr"]  # cosine decay after the warm-up step
+    loaded = load_checkpoint(run / "final")
+    assert loaded.config.image_size == (32, 32, 32)
+    assert loaded.preprocessing == json.loads((cache / "cache.json").read_text())["preprocess"]
+    assert loaded.meta["training"]["step"] == 4
+    latest = run / json.loads((run / "latest.json").read_text())["checkpoint"]
+    names = {p.name for p in latest.iterdir()}
+    assert {"model.safetensors", "config.json", "training_state.safetensors", "training_state.json",
+            "rng_rank0.safetensors", "rng_rank0.json"} <= names
+    assert not [p for p in run.rglob("*") if p.suffix in (".pt", ".pth", ".pkl", ".ckpt", ".bin")]
+    assert list((run / "tb").iterdir())  # TensorBoard event file
+    with pytest.raises(SystemExit):
+        pretrain.main(["--help"])
+    assert pretrain.main(tiny_argv(cache, run.parent, "full")) == 2  # exists, no --resume
+
+
+@pytest.fixture(scope="module")
+def straight_run(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 4-step run, shared by the checks below."""
+    out = tmp_path_factory.mktemp("runs")
+    assert pretrain.main(tiny_argv(cache, out, "full")) == 0
+    return out / "full"
+
+
+def test_stop_and_resume_equals_uninterrupted(cache: Path, straight_run: Path, tmp_path: Path) -> None:
+    assert pretrain.main(tiny_argv(cache, tmp_path, "split", "--stop-after", "2")) == 0
+    assert len(_losses(tmp_path / "split")) == 2 and not (tmp_path / "split" / "final").exists()
+    assert pretrain.main(tiny_argv(cache, tmp_path, "split", "--resume")) == 0
+    straight, split = _losses(straight_run), _losses(tmp_path / "split")
+    assert len(straight) == 4
+    np.testing.assert_allclose(split, straight, rtol=1e-6, atol=1e-7)
+    # the model after resuming equals the uninterrupted one
+    from safetensors.numpy import load_file
+
+    a = load_file(str(straight_run / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_sigterm_saves_at_step_boundary_and_resumes(cache: Path, tmp_path: Path) -> None:
+    run = tmp_path / "term"
+    metrics = run / "metrics.jsonl"
+
+    def _kill_after_first_step() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if metrics.is_file() and metrics.read_text().strip():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=_kill_after_first_step, daemon=True)
+    killer.start()
+    assert pretrain.main(tiny_argv(cache, tmp_path, "term")) == 0
+    killer.join()
+    done = len(_losses(run))
+    assert 1 <= done < 4
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest["step"] == done and not (run / "final").exists()
+    assert getattr(signal.getsignal(signal.SIGTERM), "__name__", "") != "_on_sigterm"  # handler restored
+    assert pretrain.main(tiny_argv(cache, tmp_path, "term", "--resume")) == 0
+    assert len(_losses(run)) == 4 and (run / "final" / "model.safetensors").is_file()
+
+
+def test_ablation_switches_and_bad_parameters(cache: Path, tmp_path: Path) -> None:
+    argv = tiny_argv(cache, tmp_path, "abl", "--no-global", "--no-text-aug", "--no-mosmos", "--max-steps", "2")
+    assert pretrain.main(argv) == 0
+    params = json.loads((tmp_path / "abl" / "params.json").read_text())
+    assert params["loss"]["use_global"] is False and params["loss"]["mosmos"] is False
+    assert params["data"]["augment_text"] is False and params["optim"]["max_steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "abl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["loss/global"] == 0.0 and "loss/irc" not in r for r in rows)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        load_params(None, overrides=["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_params(None, overrides=["optim.lr"])
+    with pytest.raises(ValueError, match="unknown model parameter"):
+        load_params(None, overrides=["model.depthh=2"])
+    with pytest.raises(ValueError, match="preset"):
+        load_params(None, overrides=["model.preset=huge"])
+    assert load_params(None, overrides=["optim.lr=3e-4"]).optim["lr"] == pytest.approx(3e-4)
+    assert pretrain.main(tiny_argv(cache, tmp_path, "nothing", "--resume")) == 2  # no checkpoint
+    assert pretrain.main(tiny_argv(tmp_path / "missing", tmp_path, "nocache")) == 2
