@@ -104,20 +104,28 @@ class ResultsTable(QTableWidget):
         self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setItemDelegateForColumn(COLUMNS.index("probability"), ProbabilityBarDelegate(self))
-        header = self.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
-        header.setSectionResizeMode(COLUMNS.index("probability"), QHeaderView.ResizeMode.Fixed)
-        header.resizeSection(COLUMNS.index("probability"), 110)
-        header.setStretchLastSection(False)
+        self.horizontalHeader().setStretchLastSection(False)
+        self._set_resize_modes(fill=False)
         self.verticalHeader().setVisible(False)
         self.setSortingEnabled(True)
         self.cellClicked.connect(self._on_cell_clicked)
         self._primary_only = False
 
+    def _set_resize_modes(self, *, fill: bool) -> None:
+        """Fixed sizes while filling (resize-to-contents per inserted item is quadratic)."""
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.Interactive if fill else
+                                    QHeaderView.ResizeMode.ResizeToContents)
+        if not fill:
+            header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
+            header.setSectionResizeMode(COLUMNS.index("probability"), QHeaderView.ResizeMode.Fixed)
+            header.resizeSection(COLUMNS.index("probability"), 110)
+
     def set_rows(self, rows: Iterable[ResultRow]) -> None:
         """Replace the table contents; sorted by probability, highest first."""
         rows = list(rows)
+        self._set_resize_modes(fill=True)
+        self.setUpdatesEnabled(False)
         self.setSortingEnabled(False)
         self.clearContents()
         self.setRowCount(len(rows))
@@ -155,6 +163,8 @@ class ResultsTable(QTableWidget):
                 self.setItem(r, c, item)
         self.setSortingEnabled(True)
         self.sortItems(COLUMNS.index("probability"), Qt.SortOrder.DescendingOrder)
+        self._set_resize_modes(fill=False)
+        self.setUpdatesEnabled(True)
         self.set_primary_only(self._primary_only)
 
     def set_primary_only(self, on: bool) -> None:
