@@ -59,6 +59,8 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     _detect(widget, qtbot)
     assert widget.task.outcome.ok, widget.task.outcome.error
     assert widget.cancel_button.isEnabled() is False and widget.detect_button.isEnabled()
+    # the engine's progress callback reached the GUI thread (and the napari progress bar)
+    assert {"segmentation", "image features", "scoring"} <= set(widget.task.messages)
 
     # organ Labels layer: aligned with the CT, organ names as features
     organs = viewer.layers["ct organs (detected)"]
