@@ -1,0 +1,79 @@
+"""training.evaluate: metric definitions by hand, and the full report on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES, PROMPT_TEMPLATES
+from phantom_cache import tiny_argv, tiny_cache
+from training import evaluate as ev
+from training import pretrain
+
+
+def test_binary_metrics_by_hand() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    s = np.array([0.1, 0.2, 0.6, 0.4, 0.7, 0.9])
+    m = ev.binary_metrics(y, s)
+    # AUC: 8 of the 9 (positive, negative) pairs are ordered correctly
+    assert m["auc"] == pytest.approx(8 / 9)
+    # ROC points: (0, 1/3) at 0.9, (0, 2/3) at 0.7, (1/3, 2/3) at 0.6, (1/3, 1) at 0.4 ...;
+    # closest to (0, 1): (1/3, 1) at 0.4 (distance 1/3) and (0, 2/3) at 0.7 (1/3) -> first in order
+    assert m["threshold"] in (pytest.approx(0.7), pytest.approx(0.4))
+    pred = (s >= m["threshold"]).astype(int)
+    tp, tn = int(((pred == 1) & (y == 1)).sum()), int(((pred == 0) & (y == 0)).sum())
+    fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
+    assert m["accuracy"] == pytest.approx((tp + tn) / 6)
+    assert m["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert m["specificity"] == pytest.approx(tn / (tn + fp))
+    assert m["precision"] == pytest.approx(tp / (tp + fp))
+    assert m["balanced_accuracy"] == pytest.approx((m["sensitivity"] + m["specificity"]) / 2)
+    perfect = ev.binary_metrics(y, np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]))
+    assert perfect["auc"] == 1.0 and perfect["accuracy"] == 1.0 and perfect["weighted_f1"] == 1.0
+    one_class = ev.binary_metrics(np.zeros(4), np.linspace(0, 1, 4))
+    assert np.isnan(one_class["auc"]) and one_class["n_positive"] == 0
+    unknown = ev.binary_metrics(np.array([-1, 0, 1, 1, 0]), np.array([0.9, 0.1, 0.8, np.nan, 0.2]))
+    assert unknown["n"] == 3 and unknown["auc"] == 1.0  # label -1 and NaN scores are left out
+
+
+def test_inter_anatomy_similarity_ignores_same_anatomy_pairs() -> None:
+    e = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    sims = ev.inter_anatomy_similarities(e, np.array([0, 0, 1]))
+    np.testing.assert_allclose(sorted(sims), [0.0, 0.0])
+    collapsed = ev.inter_anatomy_similarities(np.ones((3, 4)), np.array([0, 1, 2]))
+    np.testing.assert_allclose(collapsed, 1.0)
+
+
+def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
+    cache = tiny_cache(tmp_path / "data", n=5, seed=21, split="valid")
+    argv = tiny_argv(cache, tmp_path / "runs", "ev", "--set", "data.split=valid", "--max-steps", "1")
+    assert pretrain.main(argv) == 0
+    ckpt = tmp_path / "runs" / "ev" / "final"
+    out = tmp_path / "eval"
+    assert ev.main(["--checkpoint", str(ckpt), "--data", str(cache), "--split", "valid", "--out", str(out)]) == 0
+    for name in ("metrics.json", "metrics.md", "text_similarity_hist.png", "tsne_anatomy.png", "scores.csv"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "tsne_anatomy.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_volumes"] == 5
+    assert set(metrics["ensemble"]["per_abnormality"]) == set(ABNORMALITY_NAMES)
+    for m in metrics["ensemble"]["per_abnormality"].values():
+        assert set(ev.METRIC_KEYS) <= set(m)
+    assert set(ev.METRIC_KEYS) <= set(metrics["ensemble"]["mean"])
+    assert len(metrics["per_template"]) == len(PROMPT_TEMPLATES)
+    for k in ev.METRIC_KEYS:
+        assert set(metrics["over_templates"][k]) == {"mean", "std"}
+    geo = metrics["geometry"]
+    assert -1.0 <= geo["inter_anatomy_text_cosine_mean"] <= 1.0 and geo["n_pairs"] > 0
+    assert "| **mean** |" in (out / "metrics.md").read_text()
+    assert len((out / "scores.csv").read_text().splitlines()) == 6
+    # a dataset root instead of a cache: prepared on the fly with the checkpoint's grid
+    result = ev.evaluate(ckpt, tmp_path / "data" / "phantoms", split="valid", out=tmp_path / "eval2")
+    assert (tmp_path / "eval2" / "cache" / "valid" / "manifest.json").is_file()
+    assert result.metrics["n_volumes"] == 5
+    assert result.mean_auc == pytest.approx(metrics["ensemble"]["mean"]["auc"], nan_ok=True, abs=1e-6)
+    with pytest.raises(ValueError, match="neither"):
+        ev.evaluate(ckpt, tmp_path / "nope", out=tmp_path / "eval3")
