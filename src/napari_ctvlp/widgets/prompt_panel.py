@@ -102,8 +102,8 @@ class PromptPanel(QWidget):
         self.score_table.setItemDelegateForColumn(1, ProbabilityBarDelegate(self.score_table))
         self.score_table.setMinimumHeight(7 * 26 + 30)
         header = self.score_table.horizontalHeader()
-        header.setStretchLastSection(False)
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(True)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Fixed)
         header.resizeSection(1, 110)
 

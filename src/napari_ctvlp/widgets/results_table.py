@@ -105,6 +105,8 @@ class ResultsTable(QTableWidget):
         self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
         self.setItemDelegateForColumn(COLUMNS.index("probability"), ProbabilityBarDelegate(self))
         self.horizontalHeader().setStretchLastSection(False)
+        self.setWordWrap(False)
+        self.setMinimumWidth(540)
         self._set_resize_modes(fill=False)
         self.verticalHeader().setVisible(False)
         self.setSortingEnabled(True)
@@ -118,8 +120,9 @@ class ResultsTable(QTableWidget):
                                     QHeaderView.ResizeMode.ResizeToContents)
         if not fill:
             header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
-            header.setSectionResizeMode(COLUMNS.index("probability"), QHeaderView.ResizeMode.Fixed)
-            header.resizeSection(COLUMNS.index("probability"), 110)
+            for name, width in (("probability", 100), ("assessable?", 90)):
+                header.setSectionResizeMode(COLUMNS.index(name), QHeaderView.ResizeMode.Fixed)
+                header.resizeSection(COLUMNS.index(name), width)
 
     def set_rows(self, rows: Iterable[ResultRow]) -> None:
         """Replace the table contents; sorted by probability, highest first."""
@@ -154,6 +157,7 @@ class ResultsTable(QTableWidget):
             for c, item in enumerate(items):
                 item.setData(KEY_ROLE, key)
                 item.setData(PRIMARY_ROLE, bool(row.primary))
+                item.setToolTip(item.toolTip() or f"{row.abnormality} in the {row.anatomy}")
                 if not ok:
                     item.setForeground(QBrush(_GREY))
                 if row.primary:
