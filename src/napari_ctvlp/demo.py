@@ -49,28 +49,33 @@ def build_demo_viewer(out_dir: Path, *, seed: int, size: tuple[int, int, int], d
 
     viewer = napari.Viewer(title="napari-ctvlp demo", show=True)
     viewer.open(str(ct_path), plugin="napari-ctvlp")
-    for data, kwargs, layer_type in phantom_layers(phantom)[1:]:
-        getattr(viewer, f"add_{layer_type}")(data, **kwargs)
+    data, kwargs, _ = phantom_layers(phantom)[1]
+    organs = viewer.add_labels(data, **kwargs)
     if detect:
-        _run_detection(viewer, out_dir)
+        _run_detection(viewer, out_dir, organs.name)
     return viewer
 
 
-def _run_detection(viewer, out_dir: Path) -> None:
+def _run_detection(viewer, out_dir: Path, organs_layer: str) -> None:
     """Dock the detection widget and run it synchronously on the CT (when a model is available)."""
-    try:
-        from napari_ctvlp.engine.checkpoint import default_checkpoint_path
-        from napari_ctvlp.widgets.detect_widget import DetectWidget
-    except ImportError as exc:  # widget not installed in this build
-        logger.warning("detection widget unavailable: %s", exc)
-        return
+    from napari_ctvlp.engine.checkpoint import default_checkpoint_path
+    from napari_ctvlp.widgets.detect_widget import LABELS_LAYER_CHOICE, DetectWidget
+
     if default_checkpoint_path() is None:
         logger.warning("no demo checkpoint shipped: showing the CT and organ labels only")
         return
     widget = DetectWidget(viewer)
     viewer.window.add_dock_widget(widget, name="CT abnormality detection", area="right")
-    widget.run_blocking()
+    widget.set_segmentation(LABELS_LAYER_CHOICE)  # the phantom's own organ labels
+    widget.labels_combo.setCurrentText(organs_layer)
+    result = widget.run_blocking()
+    if result is None:
+        raise RuntimeError("detection failed; see the notification above")
+    task = widget.show_row("lung", "Pleural effusion")  # centre on the lungs, show the heatmap
+    if task is not None:
+        task.wait(timeout=120)
     widget.export_results(out_dir / "results", overwrite=True)
+    logger.info("results written to %s", out_dir / "results")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
