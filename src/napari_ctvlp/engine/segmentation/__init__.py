@@ -251,6 +251,9 @@ def _register_defaults() -> None:
         lambda *, fast=True: None,
         description="HU thresholds and geometry; no weights; lungs, airways, bone, spine, heart, mediastinum, body",
     )
+    from . import builtin
+
+    builtin.register()
 
 
 _register_defaults()
