@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch default; 1 is much faster on a busy shared CPU)")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-postprocess", action="store_true",
+                   help="evaluate the raw argmax (no largest-component clean-up of single-piece organs)")
+    p.add_argument("--eval-only", default=None, metavar="SEG_CHECKPOINT",
+                   help="no training: evaluate this seg checkpoint on the held-out cases, write --out/metrics.json")
     return p
 
 
@@ -94,8 +98,8 @@ def load_cases(args: argparse.Namespace, progress: ProgressCallback | None = Non
         from napari_ctvlp.engine.phantom import make_phantom
 
         n_tr, n_va = args.train_phantoms, args.val_phantoms
-        if n_tr < 1 or n_va < 1:
-            raise ValueError(f"--train-phantoms and --val-phantoms must be >= 1, got {n_tr}, {n_va}")
+        if n_tr < 0 or n_va < 1:
+            raise ValueError(f"--train-phantoms must be >= 0 and --val-phantoms >= 1, got {n_tr}, {n_va}")
         out: list[tuple[CTVolume, np.ndarray]] = []
         seeds = [TRAIN_SEED0 + i for i in range(n_tr)] + [VAL_SEED0 + i for i in range(n_va)]
         for i, seed in enumerate(seeds):
@@ -153,7 +157,7 @@ def sample_batch(grid_cases: list[tuple[np.ndarray, np.ndarray]], roi: tuple[int
 
 # ----------------------------------------------------------------------------------------- eval
 def evaluate(model: Any, pre_cfg: Any, cases: list[tuple[CTVolume, np.ndarray]], *, device: str = "cpu",
-             progress: ProgressCallback | None = None) -> dict[str, Any]:
+             keep_largest: bool = True, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Dice and HD95 (mm) per organ class on the input grid of each held-out case.
 
     Returns ``{"per_class": {name: {"dice", "hd95_mm", "n"}}, "mean_dice", "mean_hd95_mm", "seconds_per_case"}``;
@@ -177,7 +181,8 @@ def evaluate(model: Any, pre_cfg: Any, cases: list[tuple[CTVolume, np.ndarray]],
     for i, (vol, organs) in enumerate(cases):
         report(progress, i, len(cases), "evaluating")
         prepared = preprocess(vol, config=pre_cfg)
-        pred = to_source_grid(predict_classes(model, prepared.image, device=device), prepared, order=0)
+        classes = predict_classes(model, prepared.image, device=device, keep_largest=keep_largest)
+        pred = to_source_grid(classes, prepared, order=0)
         ref = organs_to_classes(organs)
         p1 = torch.nn.functional.one_hot(torch.from_numpy(pred.astype(np.int64)), k).permute(3, 0, 1, 2)[None]
         r1 = torch.nn.functional.one_hot(torch.from_numpy(ref.astype(np.int64)), k).permute(3, 0, 1, 2)[None]
@@ -204,6 +209,7 @@ def evaluate(model: Any, pre_cfg: Any, cases: list[tuple[CTVolume, np.ndarray]],
         "mean_dice": float(np.mean(dvals)) if dvals else None,
         "mean_hd95_mm": float(np.mean(hvals)) if hvals else None,
         "cases": len(cases),
+        "postprocess": keep_largest,
         "seconds_per_case": (time.perf_counter() - t0) / max(1, len(cases)),
     }
 
@@ -259,6 +265,8 @@ def train(args: argparse.Namespace, *, progress: ProgressCallback | None = None)
 
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {args.steps}, {args.batch_size}")
+    if args.data == "phantom" and args.train_phantoms < 1:
+        raise ValueError(f"--train-phantoms must be >= 1 for training, got {args.train_phantoms}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -298,7 +306,8 @@ def train(args: argparse.Namespace, *, progress: ProgressCallback | None = None)
                 log.flush()
                 logger.info("step %d loss %.4f", rec["step"], rec["loss"])
     t_train = time.perf_counter() - t1
-    metrics = evaluate(model, pre_cfg, val_cases, device=args.device, progress=progress)
+    metrics = evaluate(model, pre_cfg, val_cases, device=args.device, keep_largest=not args.no_postprocess,
+                       progress=progress)
     metrics.update({
         "use_pta": not args.no_pta, "steps": args.steps, "seed": args.seed, "init": init,
         "loss_first10": float(np.mean(losses[:10])), "loss_last10": float(np.mean(losses[-10:])),
@@ -311,6 +320,24 @@ def train(args: argparse.Namespace, *, progress: ProgressCallback | None = None)
     summary = {k: metrics[k] for k in ("per_class", "mean_dice", "mean_hd95_mm", "cases")}
     save_seg_checkpoint(model.cpu(), out / "checkpoint", preprocessing=pre_cfg.to_dict(), training=training,
                         metrics=summary, weights_dtype=args.weights_dtype, overwrite=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def evaluate_only(args: argparse.Namespace, *, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Evaluate ``--eval-only`` on the held-out cases of ``--data``; writes ``--out/metrics.json``."""
+    from napari_ctvlp.engine.preprocess import PreprocessConfig
+    from napari_ctvlp.engine.segmentation.builtin import load_seg_checkpoint
+
+    loaded = load_seg_checkpoint(args.eval_only, device=args.device)
+    if args.data == "phantom":  # only the held-out phantoms are needed
+        args = argparse.Namespace(**{**vars(args), "train_phantoms": 0})
+    _, val_cases = load_cases(args, progress)
+    metrics = evaluate(loaded.model, PreprocessConfig.from_dict(loaded.preprocessing), val_cases, device=args.device,
+                       keep_largest=not args.no_postprocess, progress=progress)
+    metrics.update({"checkpoint": str(args.eval_only), "use_pta": loaded.config.use_pta})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
@@ -332,12 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        metrics = train(args)
+        metrics = evaluate_only(args) if args.eval_only else train(args)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
     print(format_table(metrics))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'checkpoint'}")
+    print(f"wrote {Path(args.out) / 'metrics.json'}" + ("" if args.eval_only else f" and {Path(args.out) / 'checkpoint'}"))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ pytest.importorskip("monai")
 
 from napari_ctvlp.engine.anatomy import ORGAN_LABELS  # noqa: E402
 from napari_ctvlp.engine.networks.seg_model import (  # noqa: E402
+    SEG_CLASS_NAMES,
     SEG_CLASSES,
     BuiltinSegNet,
     SegModelConfig,
@@ -26,7 +28,9 @@ from napari_ctvlp.engine.segmentation.builtin import (  # noqa: E402
     ENV_WEIGHTS,
     builtin_labels,
     default_weights_path,
+    keep_largest_components,
     load_seg_checkpoint,
+    register,
     save_seg_checkpoint,
     unavailable_reason,
 )
@@ -96,6 +100,26 @@ def test_forward_shapes(overrides) -> None:
         model(torch.randn(1, 1, 8, 8, 8))
 
 
+def test_keep_largest_component_relabels_stray_islands() -> None:
+    k = len(SEG_CLASSES)
+    left, body, bone = (SEG_CLASS_NAMES.index(n) for n in ("lung_left", "body", "bone"))
+    scores = np.zeros((k, 12, 12, 12), np.float32)
+    scores[body] = 1.0
+    scores[left, 1:7, 1:7, 1:7] = 5.0  # the lung
+    scores[left, 9:11, 9:11, 9:11] = 5.0  # a stray island, where "bone" is the runner-up
+    scores[bone, 9:11, 9:11, 9:11] = 2.0
+    scores[bone, 0, 0, 0:3] = 5.0  # bone may have several pieces
+    scores[bone, 11, 11, 9:12] = 5.0
+    classes = scores.argmax(0).astype(np.uint8)
+    out = keep_largest_components(classes, scores)
+    assert (out[1:7, 1:7, 1:7] == left).all()
+    assert (out[9:11, 9:11, 9:11] == bone).all()
+    assert (out[0, 0, 0:3] == bone).all() and (out[11, 11, 9:12] == bone).all()
+    expected = np.zeros(out.shape, bool)
+    expected[1:7, 1:7, 1:7] = True
+    assert np.array_equal(out == left, expected)
+
+
 def test_checkpoint_round_trip(tmp_path: Path) -> None:
     path, model = _tiny_checkpoint(tmp_path)
     loaded = load_seg_checkpoint(path)
@@ -151,6 +175,25 @@ def test_backend_on_input_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert seg.labels.shape == vol.shape and seg.labels.dtype == np.uint8
     assert set(np.unique(seg.labels).tolist()) <= ORGAN_VALUES
     assert any("sliding window" in m for m in calls)
+
+
+def test_auto_uses_builtin_only_with_user_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default weights are phantom-only: backend="auto" skips them unless $NAPARI_CTVLP_BUILTIN_SEG is set."""
+    path, _ = _tiny_checkpoint(tmp_path)
+    try:
+        monkeypatch.delenv(ENV_WEIGHTS, raising=False)
+        register()
+        assert BACKENDS["builtin"].auto is False
+        monkeypatch.setenv(ENV_WEIGHTS, str(path))
+        register()
+        assert BACKENDS["builtin"].auto is True
+        vol = _phantom(size=(32, 48, 48)).volume
+        off = dataclasses.replace(BACKENDS["totalsegmentator"], unavailable_reason=lambda *, fast=True: "off")
+        monkeypatch.setitem(BACKENDS, "totalsegmentator", off)
+        assert segment(vol).backend == "builtin"
+    finally:
+        monkeypatch.delenv(ENV_WEIGHTS, raising=False)
+        register()
 
 
 def test_init_from_ctvlp_copies_encoder() -> None:

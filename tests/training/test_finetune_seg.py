@@ -39,6 +39,13 @@ def test_finetune_pta_writes_metrics_and_loadable_checkpoint(tmp_path: Path) -> 
     assert loaded.config.use_pta and loaded.config.roi_size == (16, 16, 16)
     assert loaded.preprocessing["image_size"] == [16, 32, 32]
     assert loaded.meta["training"]["steps"] == 3 and "per_class" in loaded.meta["metrics"]
+    # evaluation alone, raw argmax: same held-out phantom, metrics written to another folder
+    ev = tmp_path / "eval"
+    argv = ["--data", "phantom", "--out", str(ev), "--eval-only", str(tmp_path / "run" / "checkpoint"),
+            "--val-phantoms", "1", "--phantom-size", "32,48,48", "--no-postprocess"]
+    assert finetune_seg.main(argv) == 0
+    again = json.loads((ev / "metrics.json").read_text())
+    assert again["postprocess"] is False and again["cases"] == 1 and set(again["per_class"]) == set(metrics["per_class"])
 
 
 def test_finetune_without_pta(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ class Backend:
     run: BackendRun
     unavailable_reason: BackendCheck
     description: str = ""
+    auto: bool = True  # may backend="auto" pick it (False: only when asked for by name)
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,14 @@ BACKENDS: dict[str, Backend] = {}
 AUTO_ORDER: tuple[str, ...] = ("totalsegmentator", "builtin", "threshold")
 
 
-def register_backend(name: str, run: BackendRun, unavailable_reason: BackendCheck, *, description: str = "") -> None:
-    """Add (or replace) a backend. ``run`` and ``unavailable_reason`` take keyword options only."""
+def register_backend(
+    name: str, run: BackendRun, unavailable_reason: BackendCheck, *, description: str = "", auto: bool = True
+) -> None:
+    """Add (or replace) a backend. ``run`` and ``unavailable_reason`` take keyword options only;
+    ``auto=False`` keeps it out of ``backend="auto"`` (used only when named)."""
     if not name or name == "auto":
         raise ValueError(f"invalid backend name {name!r}")
-    BACKENDS[name] = Backend(name, run, unavailable_reason, description)
+    BACKENDS[name] = Backend(name, run, unavailable_reason, description, auto)
 
 
 def available_backends(*, fast: bool = True) -> dict[str, str | None]:
@@ -111,7 +115,7 @@ def available_backends(*, fast: bool = True) -> dict[str, str | None]:
 
 def _pick_auto(fast: bool) -> str:
     for name in AUTO_ORDER:
-        if name in BACKENDS and BACKENDS[name].unavailable_reason(fast=fast) is None:
+        if name in BACKENDS and BACKENDS[name].auto and BACKENDS[name].unavailable_reason(fast=fast) is None:
             return name
     raise SegmentationUnavailable(f"no segmentation backend is available: {available_backends(fast=fast)}")
 
