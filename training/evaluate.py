@@ -53,9 +53,14 @@ class EvaluationResult:
 
 
 def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    """The DESIGN.md metrics of one abnormality (NaN when only one class is present)."""
-    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, precision_score,
-                                 roc_auc_score, roc_curve)
+    """The DESIGN.md metrics of one abnormality (NaN when only one class is present).
+
+    AUC is :func:`sklearn.metrics.roc_auc_score`; the threshold is the ROC point (of
+    :func:`sklearn.metrics.roc_curve`) closest to (0, 1); the other metrics follow from the
+    confusion matrix at that threshold (weighted F1 = support-weighted mean of both classes' F1,
+    as ``f1_score(average="weighted")``; precision of the positive class).
+    """
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     y = np.asarray(y_true).astype(int)
     s = np.asarray(score, dtype=float)
@@ -67,17 +72,23 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
         return out
     fpr, tpr, thr = roc_curve(y, s)
     best = int(np.argmin(fpr**2 + (1.0 - tpr) ** 2))
-    threshold = float(min(thr[best], 1.0)) if np.isfinite(thr[best]) else 1.0
-    pred = (s >= threshold).astype(int)
-    tn = int(((pred == 0) & (y == 0)).sum())
-    fp = int(((pred == 1) & (y == 0)).sum())
+    threshold = float(thr[best]) if np.isfinite(thr[best]) else float(np.nextafter(s.max(), np.inf))
+    pred = s >= threshold
+    pos = y == 1
+    tp, fp = int((pred & pos).sum()), int((pred & ~pos).sum())
+    fn, tn = int((~pred & pos).sum()), int((~pred & ~pos).sum())
+    sens = tp / (tp + fn)
+    spec = tn / (tn + fp)
+
+    def f1(a: int, b: int, c: int) -> float:  # tp, fp, fn of one class
+        return 2 * a / (2 * a + b + c) if a + b + c else 0.0
+
+    n_pos, n_neg = tp + fn, tn + fp
     out.update(
-        auc=float(roc_auc_score(y, s)), threshold=threshold, accuracy=float(accuracy_score(y, pred)),
-        balanced_accuracy=float(balanced_accuracy_score(y, pred)),
-        weighted_f1=float(f1_score(y, pred, average="weighted", zero_division=0)),
-        precision=float(precision_score(y, pred, zero_division=0)),
-        specificity=float(tn / (tn + fp)) if tn + fp else float("nan"),
-        sensitivity=float(((pred == 1) & (y == 1)).sum() / max(1, int(y.sum()))),
+        auc=float(roc_auc_score(y, s)), threshold=threshold, accuracy=(tp + tn) / len(y),
+        balanced_accuracy=(sens + spec) / 2.0,
+        weighted_f1=(n_pos * f1(tp, fp, fn) + n_neg * f1(tn, fn, fp)) / len(y),
+        precision=tp / (tp + fp) if tp + fp else 0.0, specificity=spec, sensitivity=sens,
     )
     return out
 

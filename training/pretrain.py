@@ -69,7 +69,8 @@ class TrainStep(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = self.model
         tokens = m.encode_image(batch["image"])
-        pooled = m.pool_anatomies(tokens, m.masks_to_tokens(batch["anatomy_masks"]))
+        token_masks = batch["token_masks"] if "token_masks" in batch else m.masks_to_tokens(batch["anatomy_masks"])
+        pooled = m.pool_anatomies(tokens, token_masks)
         present = batch["present"] & pooled.present
         b, a, e = pooled.embeddings.shape
         flat = m.encode_text_tokens(batch["text_input_ids"], batch["text_attention_mask"]) \
@@ -185,7 +186,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
                       num_groups=lp.get("num_groups"), seed=seed, learn_temperature=False)
 
     dataset = CachedCTDataset(dp["cache"], split=dp.get("split", "train"), augment_text=bool(dp["augment_text"]),
-                              seed=seed, anatomies=config.anatomies, tags=config.tags if mosmos else None)
+                              seed=seed, anatomies=config.anatomies, tags=config.tags if mosmos else None,
+                              patch_size=config.patch_size)
     cache_pre = dict(dataset.preprocess)
     expected = default_preprocess_config(config.image_size, params.preprocess.get("spacing_mm"),
                                          params.preprocess.get("hu_window")).to_dict()

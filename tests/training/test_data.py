@@ -179,3 +179,19 @@ def test_prepare_real_ct_with_totalsegmentator_masks(realdata: Path, tmp_path: P
     assert not present["heart"]  # the abdominal example has lung bases but no heart label (51)
     assert entry["sentences"]["lung"] and entry["sentences"]["heart"]
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_token_masks_match_the_model(cache: Path) -> None:
+    import torch
+
+    from napari_ctvlp.engine.networks.config import CTVLPConfig
+    from napari_ctvlp.engine.networks.ctvlp import CTVLP
+
+    model = CTVLP(CTVLPConfig.tiny())
+    ds = CachedCTDataset(cache, split="train", patch_size=model.config.patch_size)
+    item = ds[2]
+    expected = model.masks_to_tokens(item["anatomy_masks"][None])[0]
+    assert item["token_masks"].shape == (len(ANATOMY_NAMES), model.config.num_tokens)
+    assert torch.equal(item["token_masks"], expected)
+    with pytest.raises(ValueError, match="does not divide"):
+        CachedCTDataset(cache, split="train", patch_size=(5, 8, 8))

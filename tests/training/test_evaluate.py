@@ -77,3 +77,20 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
     assert result.mean_auc == pytest.approx(metrics["ensemble"]["mean"]["auc"], nan_ok=True, abs=1e-6)
     with pytest.raises(ValueError, match="neither"):
         ev.evaluate(ckpt, tmp_path / "nope", out=tmp_path / "eval3")
+
+
+def test_binary_metrics_agree_with_scikit_learn() -> None:
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_score, recall_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 40)
+        s = np.clip(y * 0.3 + rng.normal(0.4, 0.25, 40), 0, 1)
+        m = ev.binary_metrics(y, s)
+        pred = (s >= m["threshold"]).astype(int)
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+        assert m["weighted_f1"] == pytest.approx(f1_score(y, pred, average="weighted"))
+        assert m["precision"] == pytest.approx(precision_score(y, pred, zero_division=0))
+        assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+        assert m["specificity"] == pytest.approx(recall_score(1 - y, 1 - pred))
