@@ -294,7 +294,7 @@ def keep_largest_components(classes: np.ndarray, scores: np.ndarray) -> np.ndarr
         classes: ``uint8 [D, H, W]`` class ids (argmax of ``scores``).
         scores: ``[K, D, H, W]`` logits; removed voxels take their best other class.
     """
-    import cc3d
+    from scipy import ndimage
 
     from ..networks.seg_model import SEG_CLASS_NAMES
 
@@ -304,7 +304,7 @@ def keep_largest_components(classes: np.ndarray, scores: np.ndarray) -> np.ndarr
         mask = out == c
         if not mask.any():
             continue
-        lab = cc3d.connected_components(mask, connectivity=26)
+        lab, _ = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
         counts = np.bincount(lab.ravel())
         counts[0] = 0
         stray = mask & (lab != counts.argmax())
