@@ -23,7 +23,6 @@ from napari_ctvlp.engine.pipeline import (  # noqa: E402
     run_detect_cli,
     write_results,
 )
-from napari_ctvlp.engine.preprocess import PreprocessConfig  # noqa: E402
 from napari_ctvlp.engine.volume import CTVolume  # noqa: E402
 
 
@@ -53,19 +52,10 @@ def _phantom() -> tuple[CTVolume, np.ndarray]:
         return _synthetic_ct()
 
 
-def _tiny_checkpoint(directory: Path, fov_mm: float) -> Path:
-    from napari_ctvlp.engine.checkpoint import save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
-
-    torch.manual_seed(0)
-    model = CTVLP(CTVLPConfig.tiny()).eval()
-    pre = PreprocessConfig.for_image_size(model.config.image_size, field_of_view_mm=(fov_mm,) * 3)
-    return save_checkpoint(model, directory, preprocessing=pre.to_dict())
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return _tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", 400.0)
+def checkpoint(tiny_checkpoint_dir: Path) -> Path:
+    """The session's tiny random-init checkpoint (tests/conftest.py; 400 mm field of view)."""
+    return tiny_checkpoint_dir
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +214,11 @@ def test_run_detect_cli_bad_input_is_one_line(case, checkpoint, tmp_path, capsys
 
 
 @pytest.mark.realdata
-def test_detect_on_real_ct_with_totalsegmentator_labels(realdata: Path, tmp_path) -> None:
+def test_detect_on_real_ct_with_totalsegmentator_labels(realdata: Path, tmp_path, tiny_checkpoint_dir: Path) -> None:
     from napari_ctvlp.engine.segmentation import from_label_file
     from napari_ctvlp.io import read_ct
 
-    checkpoint = _tiny_checkpoint(tmp_path / "ckpt", 400.0)  # the whole 336 mm abdomen-pelvis scan
+    checkpoint = tiny_checkpoint_dir  # 400 mm field of view: the whole 336 mm abdomen-pelvis scan
 
     ct = realdata / "example_ct.nii.gz"
     seg_path = realdata / "example_seg_fast_force_split.nii.gz"
