@@ -2,8 +2,8 @@
 
 Usage: python benchmarks/segmentation_dice.py [--backend threshold] [--realdata ../shared/realdata]
 
-Prints one table per case (example_ct NIfTI, the DICOM series, synthetic phantoms when
-``napari_ctvlp.engine.phantom`` exists) with Dice, predicted and reference volumes, and the runtime.
+Prints one table per case (example_ct NIfTI, the DICOM series, synthetic phantoms against
+their generator's labels) with Dice, predicted and reference volumes, and the runtime.
 The references are TotalSegmentator outputs (a model, not manual truth).
 """
 
@@ -17,7 +17,9 @@ import numpy as np
 
 from napari_ctvlp.engine.anatomy import LEFT_LUNG_LABELS, LUNG_LABELS, RIGHT_LUNG_LABELS
 from napari_ctvlp.engine.segmentation import dice, from_label_file, segment
+from napari_ctvlp.engine.phantom import make_phantom
 from napari_ctvlp.engine.volume import CTVolume
+from napari_ctvlp.io import read_ct
 
 GROUPS: dict[str, tuple[int, ...]] = {
     "lungs": LUNG_LABELS,
@@ -30,33 +32,6 @@ GROUPS: dict[str, tuple[int, ...]] = {
     "bone": (14,),
     "all bone": (13, 14),
 }
-
-
-def read_ct(path: Path) -> CTVolume:
-    """napari_ctvlp.io.read_ct when present, else nibabel (NIfTI) / SimpleITK (DICOM folder)."""
-    try:
-        from napari_ctvlp.io import read_ct as project_read_ct
-
-        return project_read_ct(path)
-    except ImportError:
-        pass
-    if path.is_dir():
-        import SimpleITK as sitk
-
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path)))
-        img = reader.Execute()
-        direction = np.array(img.GetDirection()).reshape(3, 3)
-        lps = np.eye(4)
-        lps[:3, :3] = direction * np.array(img.GetSpacing())[None, :]
-        lps[:3, 3] = img.GetOrigin()
-        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-        return CTVolume(sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1]), affine, meta={"path": str(path)})
-    import nibabel as nib
-
-    img = nib.load(str(path))
-    arr = np.asarray(img.dataobj).transpose(2, 1, 0)
-    return CTVolume(arr, tuple(float(z) for z in img.header.get_zooms()[:3][::-1]), img.affine, meta={"path": str(path)})
 
 
 def dice_table(pred: np.ndarray, ref: np.ndarray, spacing) -> list[tuple[str, float, float, float]]:
@@ -100,20 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         vol = read_ct(rd / "example_ct_dicom")
         ref = from_label_file(rd / "example_seg_dicom.nii.gz", like=vol, kind="totalseg")
         run_case("example_ct_dicom vs example_seg_dicom", vol, ref.labels, args.backend)
-    try:
-        from napari_ctvlp.engine.phantom import make_phantom
-    except ImportError:
-        print("\n(no napari_ctvlp.engine.phantom yet: phantom cases skipped)")
-        return
     for seed in range(args.phantoms):
         ph = make_phantom(seed=seed)
-        vol = getattr(ph, "volume", ph)
-        labels = getattr(ph, "labels", None)
-        if labels is None:
-            print(f"\n(phantom seed {seed}: no .labels attribute; skipped)")
-            continue
-        run_case(f"phantom seed={seed}", vol, np.asarray(labels), args.backend)
-
+        run_case(f"phantom seed={seed} (reference: the phantom's own organ labels)", ph.volume, ph.organs,
+                 args.backend)
 
 if __name__ == "__main__":
     main()
