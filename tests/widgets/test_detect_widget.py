@@ -126,7 +126,6 @@ def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_chec
     assert {"lung", "heart", "aorta"} <= anatomies
     for s in panel.last_scores:
         assert 0.0 <= s.probability <= 1.0
-    assert panel.task.outcome.seconds < 5.0  # only the text encoder runs
 
     panel.paraphrase_edit.setPlainText("Fluid collects around the left lung.\n\nThe pleural space holds fluid.")
     qtbot.mouseClick(panel.robustness_button, Qt.MouseButton.LeftButton)
