@@ -30,6 +30,12 @@ def _check_targets(paths: list[Path], overwrite: bool) -> None:
             raise ValueError(f"{target}: folder {target.parent} does not exist")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then ``os.replace`` it.
 
@@ -42,6 +48,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():

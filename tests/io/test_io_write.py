@@ -128,3 +128,20 @@ def test_dicom_seg_round_trip(tmp_path: Path, tiny_series: Path) -> None:
     assert np.array_equal(back, expected)
     with pytest.raises(FileExistsError):
         write_labels(labels, like=vol, path=path)
+
+
+def test_written_files_get_the_usual_permissions(tmp_path) -> None:
+    """Atomic writes go through mkstemp (mode 0600); the result must follow the umask like open()."""
+    import os
+    import stat
+
+    import numpy as np
+
+    from napari_ctvlp.engine.volume import CTVolume
+    from napari_ctvlp.io import write_labels
+
+    vol = CTVolume(np.zeros((3, 4, 5), np.int16), (1.0, 1.0, 1.0), np.eye(4))
+    out = write_labels(np.ones((3, 4, 5), np.uint8), like=vol, path=tmp_path / "m.nii.gz")[0]
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    assert stat.S_IMODE(os.stat(out).st_mode) == stat.S_IMODE(os.stat(reference).st_mode)

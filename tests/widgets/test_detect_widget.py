@@ -87,9 +87,10 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     table.sortItems(0, Qt.SortOrder.AscendingOrder)
     anatomies = [table.item(r, 0).text() for r in range(table.rowCount())]
     assert anatomies == sorted(anatomies)
-    widget.primary_only_check.setChecked(True)
+    assert widget.primary_only_check.isChecked()  # default: each abnormality in its own anatomy
     assert sum(not table.isRowHidden(r) for r in range(table.rowCount())) == 18
     widget.primary_only_check.setChecked(False)
+    assert not any(table.isRowHidden(r) for r in range(table.rowCount()))
 
     # click a heart row: view centred on the heart, heatmap layer with the CT's shape and scale
     row = table.find_row("heart", "Cardiomegaly")

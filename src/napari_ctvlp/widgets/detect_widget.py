@@ -132,6 +132,8 @@ class DetectWidget(QWidget):
         self.export_panel = ExportPanel(self._export_source, notify=self._message)
         self.primary_only_check = QCheckBox("only each abnormality's own anatomy (bold rows)")
         self.primary_only_check.toggled.connect(self.results_table.set_primary_only)
+        # a clinician first wants each finding in its own organ (18 rows); untick for the full matrix
+        self.primary_only_check.setChecked(True)
         results_page = QWidget()
         results_layout = QVBoxLayout(results_page)
         results_layout.setContentsMargins(0, 0, 0, 0)
