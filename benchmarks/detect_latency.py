@@ -21,50 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench_common import benchmark_checkpoint, benchmark_phantom
 
 
 def _peak_rss_gb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return kb / 1024**2
-
-
-def _case(size: tuple[int, int, int], spacing: tuple[float, float, float], seed: int):
-    """(CTVolume, organ labels, description): the phantom, or a synthetic chest if it is unavailable."""
-    try:
-        from napari_ctvlp.engine.phantom import make_phantom
-
-        ph = make_phantom(seed=seed, size=size, spacing=spacing)
-        return ph.volume, np.asarray(ph.organs, dtype=np.uint8), "engine.phantom.make_phantom"
-    except ImportError as exc:
-        from napari_ctvlp.engine.volume import CTVolume
-
-        d, h, w = size
-        a = np.full(size, -1000, np.int16)
-        org = np.zeros(size, np.uint8)
-        org[d // 10 : -d // 10, h // 8 : -h // 8, w // 10 : -w // 10] = 15
-        org[d // 5 : -d // 5, h // 4 : -h // 4, w // 6 : w // 2 - w // 12] = 3
-        org[d // 5 : -d // 5, h // 4 : -h // 4, w // 2 + w // 12 : -w // 6] = 5
-        org[d // 3 : -d // 3, h // 3 : h // 2, w // 2 - w // 12 : w // 2 + w // 12] = 10
-        a[org == 15] = 40
-        a[(org == 3) | (org == 5)] = -850
-        aff = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-        return CTVolume(a, spacing, aff), org, f"synthetic chest (phantom unavailable: {exc})"
-
-
-def _checkpoint(arg: str | None, tmp: Path) -> tuple[Path, str]:
-    from napari_ctvlp.engine.checkpoint import default_checkpoint_path, save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
-    from napari_ctvlp.engine.preprocess import PreprocessConfig
-
-    if arg:
-        return Path(arg), f"given: {arg}"
-    found = default_checkpoint_path()
-    if found is not None:
-        return found, f"shipped demo model {found}"
-    cfg = CTVLPConfig.phantom_cpu()
-    model = CTVLP(cfg).eval()
-    path = save_checkpoint(model, tmp / "phantom_cpu_random", preprocessing=PreprocessConfig.for_image_size(cfg.image_size).to_dict())
-    return path, "freshly initialised CTVLPConfig.phantom_cpu() (random weights; no demo model installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,13 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         t = time.perf_counter()
-        volume, organs, what = _case(tuple(args.size), tuple(args.spacing), args.seed)
+        volume, organs, what = benchmark_phantom(tuple(args.size), seed=args.seed, spacing=tuple(args.spacing))
         print(f"case: {what}, shape {volume.shape}, spacing {volume.spacing} ({time.perf_counter() - t:.1f} s to build)")
         ct_path, mask_path = tmp / "ct.nii.gz", tmp / "organs.nii.gz"
         nib.Nifti1Image(np.asarray(volume.array, dtype=np.int16).transpose(2, 1, 0), volume.affine).to_filename(ct_path)
         nib.Nifti1Image(organs.transpose(2, 1, 0), volume.affine).to_filename(mask_path)
         del volume, organs
-        ckpt, ckpt_what = _checkpoint(args.checkpoint, tmp)
+        ckpt, ckpt_what = benchmark_checkpoint(args.checkpoint, tmp)
         print(f"checkpoint: {ckpt_what}")
 
         t = time.perf_counter()

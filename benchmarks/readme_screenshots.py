@@ -51,7 +51,7 @@ def save_readme_screenshots(
         import napari
 
         sys.path.insert(0, str(REPO / "benchmarks"))
-        from widget_latency import _checkpoint, _phantom
+        from _bench_common import benchmark_checkpoint, benchmark_phantom
 
         from napari_ctvlp._layers import organ_labels_layer
         from napari_ctvlp._reader import layer_data
@@ -60,9 +60,9 @@ def save_readme_screenshots(
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt, desc = _checkpoint(str(checkpoint) if checkpoint else None, Path(tmp))
+            ckpt, desc = benchmark_checkpoint(str(checkpoint) if checkpoint else None, Path(tmp))
             print(f"checkpoint: {desc}")
-            volume, organs, phantom_desc = _phantom(size)
+            volume, organs, phantom_desc = benchmark_phantom(size)
             print(f"phantom: {phantom_desc}")
             viewer = napari.Viewer(title="napari-ctvlp", show=True)
             viewer.window._qt_window.resize(*window)

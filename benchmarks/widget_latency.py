@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from _bench_common import benchmark_checkpoint, benchmark_phantom
 
 REALDATA = Path(__file__).resolve().parents[1].parent / "shared" / "realdata"
 #: new texts for each case (the text-embedding cache would make repeated prompts free)
@@ -53,36 +53,6 @@ def _display():
     display = Display(visible=False, size=(1600, 1000), color_depth=24)
     display.start()
     return display
-
-
-def _phantom(size: tuple[int, int, int]):
-    try:
-        from napari_ctvlp.engine.phantom import make_phantom
-
-        ph = make_phantom(seed=0, size=size)
-        return ph.volume, np.asarray(ph.organs, np.uint8), "engine.phantom.make_phantom"
-    except ImportError as exc:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "widgets"))
-        from conftest import _box_phantom  # the widget tests' stand-in phantom
-
-        volume, organs = _box_phantom(size)
-        return volume, organs, f"synthetic stand-in (engine.phantom unavailable: {exc})"
-
-
-def _checkpoint(arg: str | None, tmp: Path) -> tuple[Path, str]:
-    from napari_ctvlp.engine.checkpoint import default_checkpoint_path, save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
-    from napari_ctvlp.engine.preprocess import PreprocessConfig
-
-    if arg:
-        return Path(arg), f"given: {arg}"
-    found = default_checkpoint_path()
-    if found is not None:
-        return found, f"shipped demo model {found}"
-    cfg = CTVLPConfig.phantom_cpu()
-    path = save_checkpoint(CTVLP(cfg).eval(), tmp / "phantom_cpu_random",
-                           preprocessing=PreprocessConfig.for_image_size(cfg.image_size).to_dict())
-    return path, "freshly initialised CTVLPConfig.phantom_cpu() (random weights; no demo model installed)"
 
 
 def _wait(task, timeout: float = 600.0):
@@ -153,11 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         rows: list[tuple[str, dict[str, float]]] = []
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt, ckpt_desc = _checkpoint(args.checkpoint, Path(tmp))
+            ckpt, ckpt_desc = benchmark_checkpoint(args.checkpoint, Path(tmp))
             print(f"checkpoint: {ckpt_desc}")
             print(f"device: {args.device}; torch threads: {torch.get_num_threads()}; CPU cores: {os.cpu_count()}")
 
-            volume, organs, desc = _phantom(tuple(args.size))
+            volume, organs, desc = benchmark_phantom(tuple(args.size))
             print(f"phantom: {desc}, shape {volume.shape}, spacing {volume.spacing}")
             viewer = napari.Viewer(show=True)
             widget = DetectWidget(viewer)
