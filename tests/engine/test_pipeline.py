@@ -26,30 +26,12 @@ from napari_ctvlp.engine.pipeline import (  # noqa: E402
 from napari_ctvlp.engine.volume import CTVolume  # noqa: E402
 
 
-def _synthetic_ct() -> tuple[CTVolume, np.ndarray]:
-    a = np.full((40, 48, 48), -1000, np.int16)
-    org = np.zeros(a.shape, np.uint8)
-    org[4:36, 6:42, 4:44] = 15
-    org[8:30, 10:35, 6:20] = 3
-    org[8:30, 10:35, 28:42] = 5
-    org[12:26, 20:30, 20:28] = 10
-    org[6:34, 14:18, 22:26] = 8
-    org[6:34, 24:28, 22:26] = 11
-    org[6:34, 30:34, 22:26] = 9
-    a[org == 15] = 30
-    a[(org == 3) | (org == 5)] = -850
-    return CTVolume(a, (2.5, 2.0, 2.0), np.diag([-2.0, -2.0, 2.5, 1.0]) + np.array([[0, 0, 0, 40.0], [0, 0, 0, 20.0], [0, 0, 0, -50.0], [0, 0, 0, 0]])), org
-
-
 def _phantom() -> tuple[CTVolume, np.ndarray]:
-    """A 64^3 phantom from engine.phantom when it works, else a synthetic chest."""
-    try:
-        from napari_ctvlp.engine.phantom import make_phantom
+    """A 64^3 synthetic chest-CT phantom and its organ labels."""
+    from napari_ctvlp.engine.phantom import make_phantom
 
-        ph = make_phantom(seed=0, size=(64, 64, 64))
-        return ph.volume, np.asarray(ph.organs, dtype=np.uint8)
-    except ImportError:
-        return _synthetic_ct()
+    ph = make_phantom(seed=0, size=(64, 64, 64))
+    return ph.volume, np.asarray(ph.organs, dtype=np.uint8)
 
 
 @pytest.fixture(scope="module")
