@@ -149,6 +149,16 @@ def test_load_refuses_pickle_and_mismatch(tmp_path: Path) -> None:
         load_seg_checkpoint(path)
 
 
+def test_load_refuses_pickle_renamed_safetensors(tmp_path: Path) -> None:
+    """A pickle hiding under model.safetensors is named as such before any loader opens it."""
+    import pickle
+
+    path, _ = _tiny_checkpoint(tmp_path)
+    (path / "model.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(ValueError, match="refusing to load .*pickle"):
+        load_seg_checkpoint(path)
+
+
 def test_missing_weights_fail_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nothing"
     monkeypatch.setenv(ENV_WEIGHTS, str(missing))

@@ -153,7 +153,7 @@ def _frozen_checksum(state: dict[str, torch.Tensor], names: list[str]) -> str:
     return digest.hexdigest()
 
 
-def _sniff_unsafe(path: Path) -> str | None:
+def sniff_unsafe(path: Path) -> str | None:
     """Why ``path`` is not a safetensors file (None if its header looks right). Never unpickles."""
     size = path.stat().st_size
     with open(path, "rb") as fh:
@@ -199,7 +199,7 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
         raise CheckpointError(f"{p} is not a checkpoint (expected a directory, {CONFIG_NAME} or {WEIGHTS_NAME})")
     if not weights.is_file():
         raise CheckpointError(f"checkpoint {directory} has no {weights.name}")
-    reason = _sniff_unsafe(weights)
+    reason = sniff_unsafe(weights)
     if reason is not None:
         raise CheckpointError(f"refusing to load {weights}: {reason}; only safetensors files are loaded")
     if not (directory / CONFIG_NAME).is_file():

@@ -59,7 +59,6 @@ CONFIG_NAME = "config.json"
 CARD_NAME = "MODEL_CARD.md"
 #: Environment variable naming another seg checkpoint directory for the ``builtin`` backend.
 ENV_WEIGHTS = "NAPARI_CTVLP_BUILTIN_SEG"
-_PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 _TRAIN_HINT = "train one with `python -m training.finetune_seg --data phantom --out runs/seg` and set {env}=runs/seg/checkpoint"
 
 
@@ -190,10 +189,11 @@ def load_seg_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedSegMo
     import torch
     from safetensors.torch import load_file
 
+    from ..checkpoint import PICKLE_SUFFIXES, sniff_unsafe
     from ..networks.seg_model import SEG_CLASSES, BuiltinSegNet, SegModelConfig
 
     p = Path(path).expanduser()
-    if p.is_file() and p.suffix.lower() in _PICKLE_SUFFIXES:
+    if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"refusing to load {p}: pickle-based files can execute code; use a seg checkpoint directory")
     problem = _missing(p)
     if problem:
@@ -214,6 +214,9 @@ def load_seg_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedSegMo
         config = SegModelConfig.from_dict(doc["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{cfg_path}: invalid architecture: {exc}") from exc
+    reason = sniff_unsafe(p / WEIGHTS_NAME)
+    if reason is not None:
+        raise ValueError(f"refusing to load {p / WEIGHTS_NAME}: {reason}; only safetensors files are loaded")
     model = BuiltinSegNet(config)
     expected = model.state_dict()
     try:
