@@ -158,6 +158,7 @@ def test_text_cache_only_encodes_new_text(model, features) -> None:
         ("There is a mass in the lungs.", "There is no mass in the lungs."),
         ("Emphysema is present.", "Emphysema is not present."),
         ("The heart shows calcification.", "The heart shows no calcification."),
+        ("The lungs show a nodule.", "The lungs show no nodule."),
         ("Findings are consistent with atelectasis.", "There is no evidence of atelectasis."),
         ("No consolidation.", "Consolidation is present."),
     ],

@@ -122,7 +122,7 @@ PROMPT_TEMPLATES: tuple[tuple[str, str], ...] = (
     ("{X} is present.", "{X} is not present."),
     ("There is {x} in the {organ}.", "There is no {x} in the {organ}."),
     ("Findings are consistent with {x}.", "There is no evidence of {x}."),
-    ("The {organ} shows {x}.", "The {organ} shows no {x}."),
+    ("{X} is seen in the {organ}.", "No {x} is seen in the {organ}."),
     ("{X} is observed.", "{X} is not observed."),
 )
 

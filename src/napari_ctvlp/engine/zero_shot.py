@@ -367,7 +367,7 @@ def score_abnormalities(
 _NEGATIONS: tuple[tuple[str, str], ...] = (
     (r"^there (is|are) (an? |some )?(.+)$", r"There \1 no \3"),
     (r"^(.+) (is|are) (present|seen|observed|noted|visible|identified)$", r"\1 \2 not \3"),
-    (r"^(.+) shows? (an? |some )?(.+)$", r"\1 shows no \3"),
+    (r"^(.+) (shows?) (an? |some )?(.+)$", r"\1 \2 no \4"),
     (r"^findings (are|is) consistent with (an? )?(.+)$", r"There is no evidence of \3"),
     (r"^(.+) (has|have) (an? |some )?(.+)$", r"\1 \2 no \4"),
 )
