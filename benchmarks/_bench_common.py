@@ -8,24 +8,10 @@ import numpy as np
 
 
 def benchmark_checkpoint(arg: str | None, tmp: Path) -> tuple[Path, str]:
-    """``(checkpoint folder, description)``: the given one, the shipped demo model, or a random one.
+    """``(checkpoint folder, description)``: see :func:`napari_ctvlp.bench.benchmark_checkpoint`."""
+    from napari_ctvlp.bench import benchmark_checkpoint as _checkpoint
 
-    Timings do not depend on the weights, so without a demo model a freshly initialised
-    ``CTVLPConfig.phantom_cpu()`` (same architecture) is saved to ``tmp`` and the printout says so.
-    """
-    from napari_ctvlp.engine.checkpoint import default_checkpoint_path, save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
-    from napari_ctvlp.engine.preprocess import PreprocessConfig
-
-    if arg:
-        return Path(arg), f"given: {arg}"
-    found = default_checkpoint_path()
-    if found is not None:
-        return found, f"shipped demo model {found}"
-    cfg = CTVLPConfig.phantom_cpu()
-    path = save_checkpoint(CTVLP(cfg).eval(), tmp / "phantom_cpu_random",
-                           preprocessing=PreprocessConfig.for_image_size(cfg.image_size).to_dict())
-    return path, "freshly initialised CTVLPConfig.phantom_cpu() (random weights; no demo model installed)"
+    return _checkpoint(arg, tmp)
 
 
 def benchmark_phantom(size: tuple[int, int, int], *, seed: int = 0,

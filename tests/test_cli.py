@@ -22,7 +22,7 @@ def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_subcommands() -> None:
     proc = _run("--help")
     assert proc.returncode == 0
-    for sub in ("detect", "segment", "phantom"):
+    for sub in ("detect", "segment", "phantom", "bench"):
         assert sub in proc.stdout
 
 
@@ -80,3 +80,24 @@ def test_detect_real_ct_with_reference_mask(realdata: Path, tmp_path: Path, tiny
     assert results and (out / "results.csv").is_file()
     organs = np.asarray(nib.load(out / "organs.nii.gz").dataobj)
     assert np.isin(organs, [3, 4, 5, 6, 7]).sum() > 1000  # lung lobes mapped from TotalSegmentator 10-14
+
+
+def test_bench_times_a_phantom_and_reports_the_targets(tiny_checkpoint_dir: Path) -> None:
+    proc = _run("bench", "--size", "40", "64", "64", "--spacing", "6", "6", "6", "--checkpoint", str(tiny_checkpoint_dir), "-q")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "shape (40, 64, 64)" in out and f"given: {tiny_checkpoint_dir}" in out
+    for line in ("read ", "end-to-end detect, cold", "end-to-end detect, warm", "re-prompt (new sentence), median",
+                 "prompt heatmap on the input grid", "peak RSS"):
+        assert line in out, line
+    cold = float(out.split("end-to-end detect, cold (load model)")[1].split()[0])
+    warm = float(out.split("end-to-end detect, warm")[1].split()[0])
+    assert 0 < warm and 0 < cold < 30
+
+
+@pytest.mark.parametrize("args", [("--ct", "missing.nii.gz"), ("--size", "4", "64", "64")])
+def test_bench_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], tiny_checkpoint_dir: Path, tmp_path: Path) -> None:
+    argv = [a if a != "missing.nii.gz" else str(tmp_path / a) for a in args]
+    proc = _run("bench", *argv, "--checkpoint", str(tiny_checkpoint_dir), "-q")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("napari-ctvlp bench: error:")

@@ -1,4 +1,4 @@
-"""Command line: ``napari-ctvlp detect|segment|phantom ...``.
+"""Command line: ``napari-ctvlp detect|segment|phantom|bench ...``.
 
 Every sub-command turns bad input into a one-line message on stderr and exit code 2.
 Heavy modules are imported inside the sub-commands so ``--help`` is instant.
@@ -58,6 +58,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     paths = write_labels(result.labels, like=volume, path=args.out, names=result.names, overwrite=args.overwrite)
     for p in paths:
         print(p)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from napari_ctvlp.bench import format_benchmark, run_detect_benchmark
+
+    result = run_detect_benchmark(
+        ct=args.ct, segmentation=args.segmentation, size=args.size, spacing=args.spacing, seed=args.seed,
+        checkpoint=args.checkpoint, device=args.device, progress=_stderr_progress(args.quiet),
+    )
+    print(format_benchmark(result))
     return 0
 
 
@@ -123,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--full", action="store_true", help="TotalSegmentator full resolution (default fast)")
     s.add_argument("--overwrite", action="store_true", help="replace existing files")
     s.set_defaults(func=_cmd_segment)
+
+    b = sub.add_parser("bench", help="time detection on this machine (read, detect cold/warm, re-prompt, memory)")
+    b.add_argument("--ct", default=None, help="time this CT instead of a synthetic phantom")
+    b.add_argument("--segmentation", default="auto",
+                   help="with --ct: auto|totalsegmentator|builtin|threshold or a MASK.nii.gz (default auto)")
+    b.add_argument("--size", type=int, nargs=3, default=[300, 512, 512], metavar=("D", "H", "W"),
+                   help="phantom size, slices rows columns (default 300 512 512)")
+    b.add_argument("--spacing", type=float, nargs=3, default=[1.0, 0.7, 0.7], metavar=("SZ", "SY", "SX"),
+                   help="phantom voxel spacing in mm, same order (default 1.0 0.7 0.7)")
+    b.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
+    b.add_argument("--checkpoint", default=None, help="checkpoint folder (default: the shipped demo model)")
+    b.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -18,13 +18,11 @@ from napari_ctvlp.engine.attention import (  # noqa: E402
 )
 from napari_ctvlp.engine.preprocess import PreprocessConfig, preprocess, to_source_grid  # noqa: E402
 from napari_ctvlp.engine.volume import CTVolume  # noqa: E402
+from napari_ctvlp.engine.prompt_scoring import negate, robustness, score_prompt  # noqa: E402
 from napari_ctvlp.engine.zero_shot import (  # noqa: E402
     _mask_factors,
     encode_volume,
-    negate,
-    robustness,
     score_abnormalities,
-    score_prompt,
     text_cache,
 )
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from napari_ctvlp.engine.checkpoint import LoadedCheckpoint
     from napari_ctvlp.engine.networks.ctvlp import CTVLP
     from napari_ctvlp.engine.segmentation import OrganSegmentation
-    from napari_ctvlp.engine.zero_shot import AbnormalityScores, ImageFeatures, PromptScore, RobustnessResult
+    from napari_ctvlp.engine.prompt_scoring import PromptScore, RobustnessResult
+    from napari_ctvlp.engine.zero_shot import AbnormalityScores, ImageFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +158,14 @@ class DetectionSession:
 
     def score_prompt(self, prompt: str | tuple[str, str], *, anatomies: Sequence[str] | None = None) -> PromptScore:
         """:func:`engine.zero_shot.score_prompt` on the cached features."""
-        from napari_ctvlp.engine.zero_shot import score_prompt
+        from napari_ctvlp.engine.prompt_scoring import score_prompt
 
         with self._lock:
             return score_prompt(self.model, self.features, prompt, anatomies=anatomies)
 
     def robustness(self, finding: str, *, paraphrases: Sequence[str | tuple[str, str]] = ()) -> RobustnessResult:
         """:func:`engine.zero_shot.robustness` on the cached features."""
-        from napari_ctvlp.engine.zero_shot import robustness
+        from napari_ctvlp.engine.prompt_scoring import robustness
 
         with self._lock:
             return robustness(self.model, self.features, finding, paraphrases=paraphrases)
@@ -307,7 +308,8 @@ def detect(
         ValueError: bad input, segmentation, checkpoint (pickle files are refused) or device.
         DetectionCancelled: ``cancel`` was set.
     """
-    from napari_ctvlp.engine.zero_shot import encode_volume, score_abnormalities, score_prompt
+    from napari_ctvlp.engine.prompt_scoring import score_prompt
+    from napari_ctvlp.engine.zero_shot import encode_volume, score_abnormalities
 
     if segmentation_kind not in ("auto", "organ", "totalseg"):
         raise ValueError(f"segmentation_kind must be 'auto', 'organ' or 'totalseg', got {segmentation_kind!r}")
