@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-
-def benchmark_checkpoint(arg: str | None, tmp: Path) -> tuple[Path, str]:
-    """``(checkpoint folder, description)``: see :func:`napari_ctvlp.bench.benchmark_checkpoint`."""
-    from napari_ctvlp.bench import benchmark_checkpoint as _checkpoint
-
-    return _checkpoint(arg, tmp)
+from napari_ctvlp.bench import benchmark_checkpoint  # noqa: F401  (the scripts import it from here)
 
 
 def benchmark_phantom(size: tuple[int, int, int], *, seed: int = 0,

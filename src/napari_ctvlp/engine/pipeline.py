@@ -157,14 +157,14 @@ class DetectionSession:
         return self.features.prepared
 
     def score_prompt(self, prompt: str | tuple[str, str], *, anatomies: Sequence[str] | None = None) -> PromptScore:
-        """:func:`engine.zero_shot.score_prompt` on the cached features."""
+        """:func:`engine.prompt_scoring.score_prompt` on the cached features."""
         from napari_ctvlp.engine.prompt_scoring import score_prompt
 
         with self._lock:
             return score_prompt(self.model, self.features, prompt, anatomies=anatomies)
 
     def robustness(self, finding: str, *, paraphrases: Sequence[str | tuple[str, str]] = ()) -> RobustnessResult:
-        """:func:`engine.zero_shot.robustness` on the cached features."""
+        """:func:`engine.prompt_scoring.robustness` on the cached features."""
         from napari_ctvlp.engine.prompt_scoring import robustness
 
         with self._lock:
