@@ -103,6 +103,9 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     heart = np.argwhere(organs.data == 10).mean(axis=0)
     expected = np.asarray(ct.data_to_world(heart))
     np.testing.assert_allclose(viewer.dims.point, expected, atol=1.5 * max(ct.scale))
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    displayed = list(viewer.dims.displayed)
+    np.testing.assert_allclose(camera.center[-len(displayed):], expected[displayed], atol=1.5 * max(ct.scale))
     # a second click on the same row reuses the layer
     n_layers = len(viewer.layers)
     _click_row(qtbot, table, row)

@@ -405,7 +405,9 @@ class DetectWidget(QWidget):
         world_nd = world[-ndim:] if ndim <= world.size else np.concatenate([np.zeros(ndim - world.size), world])
         self.viewer.dims.set_point(range(ndim), tuple(world_nd))
         displayed = list(self.viewer.dims.displayed)
-        self.viewer.camera.center = tuple(world_nd[displayed])
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9 moved the camera to viewer.scene
+        camera = scene.camera if scene is not None else self.viewer.camera
+        camera.center = tuple(world_nd[displayed])
         return world_nd
 
     def _show_heatmap(self, name: str, array: np.ndarray) -> Any:
