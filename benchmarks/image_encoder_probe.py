@@ -46,15 +46,11 @@ def _load_split(cache: str, split: str, anatomies, patch_size):
 
 
 def _aucs(labels: np.ndarray, scores: np.ndarray) -> list[float]:
-    """AUC per abnormality (NaN where the validation split has one class only)."""
-    from sklearn.metrics import roc_auc_score
+    """AUC per abnormality, as ``training.evaluate`` computes it (unknown ``-1`` labels left out;
+    NaN where the validation split has one class only)."""
+    from training.evaluate import binary_metrics
 
-    out = []
-    for k in range(labels.shape[1]):
-        known = labels[:, k] >= 0
-        y = labels[known, k]
-        out.append(float(roc_auc_score(y, scores[known, k])) if 0 < y.sum() < len(y) else float("nan"))
-    return out
+    return [binary_metrics(labels[:, k], scores[:, k])["auc"] for k in range(labels.shape[1])]
 
 
 def _print_table(aucs: list[float], title: str) -> None:
