@@ -10,7 +10,7 @@ from napari_ctvlp.bench import benchmark_checkpoint  # noqa: F401  (the scripts 
 def benchmark_phantom(size: tuple[int, int, int], *, seed: int = 0,
                       spacing: tuple[float, float, float] | None = None):
     """``(CTVolume, organ labels, description)`` of a synthetic chest-CT phantom."""
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     ph = make_phantom(seed=seed, size=size, spacing=spacing)
-    return ph.volume, np.asarray(ph.organs, dtype=np.uint8), "engine.phantom.make_phantom"
+    return ph.volume, np.asarray(ph.organs, dtype=np.uint8), "phantom.make_phantom"

@@ -1,4 +1,4 @@
-"""Time and peak memory of :func:`napari_ctvlp.engine.phantom.make_phantom`.
+"""Time and peak memory of :func:`napari_ctvlp.phantom.make_phantom`.
 
 Usage: ``python benchmarks/phantom_speed.py [--repeat N]``. Prints seconds for a 128^3 phantom
 and for a 512x512x300 phantom at 0.7 x 0.7 x 1 mm, and the peak resident memory of the process.
@@ -11,7 +11,7 @@ import resource
 import time
 
 from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES
-from napari_ctvlp.engine.phantom import make_phantom
+from napari_ctvlp.phantom import make_phantom
 
 
 def _peak_mb() -> float:

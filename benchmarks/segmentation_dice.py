@@ -17,7 +17,7 @@ import numpy as np
 
 from napari_ctvlp.engine.anatomy import LEFT_LUNG_LABELS, LUNG_LABELS, RIGHT_LUNG_LABELS
 from napari_ctvlp.engine.segmentation import dice, from_label_file, segment
-from napari_ctvlp.engine.phantom import make_phantom
+from napari_ctvlp.phantom import make_phantom
 from napari_ctvlp.engine.volume import CTVolume
 from napari_ctvlp.io import read_ct
 

@@ -2,7 +2,7 @@
 
 Cases:
 
-* ``phantom``: a 128^3 chest phantom (engine.phantom, or a synthetic stand-in), its organ
+* ``phantom``: a 128^3 chest phantom (napari_ctvlp.phantom, or a synthetic stand-in), its organ
   Labels layer used as the mask ("Labels layer...");
 * ``real (labels)``: ``../shared/realdata/example_ct.nii.gz`` opened through the plugin's
   reader, with TotalSegmentator's ``example_seg_fast_force_split.nii.gz`` mapped to organ labels

@@ -4,7 +4,7 @@
 [--no-pta] [--steps N] [--seed S] [--device cpu|cuda]``
 
 * data: ``phantom`` generates ``--train-phantoms`` training and ``--val-phantoms`` held-out phantoms
-  in memory (:func:`napari_ctvlp.engine.phantom.make_phantom`, fixed seeds independent of
+  in memory (:func:`napari_ctvlp.phantom.make_phantom`, fixed seeds independent of
   ``--seed``, so runs with different options see the same data); a directory is read in the
   CT-RATE layout of the phantom twin: every ``*.nii[.gz]`` outside ``masks/`` with its organ
   label map ``masks/<name>`` (organ or TotalSegmentator values); the last ``--val-count``
@@ -95,7 +95,7 @@ def load_cases(args: argparse.Namespace, progress: ProgressCallback | None = Non
                ) -> tuple[list[tuple[CTVolume, np.ndarray]], list[tuple[CTVolume, np.ndarray]]]:
     """(train, validation) lists of ``(volume, organ labels)`` on the input grid."""
     if args.data == "phantom":
-        from napari_ctvlp.engine.phantom import make_phantom
+        from napari_ctvlp.phantom import make_phantom
 
         n_tr, n_va = args.train_phantoms, args.val_phantoms
         if n_tr < 0 or n_va < 1:

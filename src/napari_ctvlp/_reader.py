@@ -43,7 +43,7 @@ def _handles(path: str | os.PathLike[str]) -> bool:
         return False
     if not p.is_file():
         return False
-    suffix = io._suffix(p)
+    suffix = io.path_suffix(p)
     if suffix in io.NIFTI_SUFFIXES or suffix in io.ITK_SUFFIXES:
         return True
     return io.is_dicom_file(p)
@@ -77,7 +77,7 @@ def layer_data(volume: CTVolume, *, name: str | None = None) -> LayerData:
         "window_presets": {k: list(v) for k, v in io.WINDOW_PRESETS.items()},
     }
     kwargs = {
-        "name": name or io._stem(source),
+        "name": name or io.path_stem(source),
         "scale": tuple(float(s) for s in volume.spacing),
         "colormap": "gray",
         "contrast_limits": io.contrast_limits(io.DEFAULT_WINDOW),

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from napari_ctvlp._layers import organ_labels_layer
 
 if TYPE_CHECKING:
-    from napari_ctvlp.engine.phantom import Phantom
+    from napari_ctvlp.phantom import Phantom
 
 
 def phantom_layers(phantom: Phantom, *, name: str = "chest CT phantom") -> list[tuple[Any, dict, str]]:
@@ -23,6 +23,6 @@ def phantom_layers(phantom: Phantom, *, name: str = "chest CT phantom") -> list[
 
 def make_phantom_sample() -> list[tuple[Any, dict, str]]:
     """A deterministic 128^3 synthetic chest CT with organ labels and a few abnormalities."""
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     return phantom_layers(make_phantom(seed=0))

@@ -41,12 +41,12 @@ def geometry_from_layer_meta(meta: Mapping[str, Any], shape: tuple[int, ...]) ->
     if info.get("affine") is not None:
         affine = np.asarray(info["affine"], dtype=float)
         meta_out = {"format": info.get("format", "unknown"), "path": info.get("source_path", "")}
-        orientation = tuple(info.get("orientation") or io._axcodes(affine))
+        orientation = tuple(info.get("orientation") or io.axcodes(affine))
         return CTVolume(placeholder, io.spacing_from_affine(affine), affine, orientation, meta_out)  # type: ignore[arg-type]
     scale = [float(s) for s in (meta.get("scale") or (1.0, 1.0, 1.0))][-3:]
     logger.warning("labels layer has no CT geometry; writing a diagonal affine from scale %s", scale)
     affine = np.diag([*scale[::-1], 1.0])
-    return CTVolume(placeholder, tuple(scale), affine, io._axcodes(affine), {"format": "unknown"})  # type: ignore[arg-type]
+    return CTVolume(placeholder, tuple(scale), affine, io.axcodes(affine), {"format": "unknown"})  # type: ignore[arg-type]
 
 
 def write_labels_layer(path: str, data: Any, meta: dict[str, Any]) -> list[str]:

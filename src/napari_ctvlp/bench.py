@@ -95,7 +95,7 @@ def benchmark_checkpoint(checkpoint: str | Path | None, tmp: Path) -> tuple[Path
 def _write_phantom(tmp: Path, size: Sequence[int], spacing: Sequence[float], seed: int) -> tuple[Path, Path, str]:
     import nibabel as nib
 
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     ph = make_phantom(seed=seed, size=tuple(int(s) for s in size), spacing=tuple(float(s) for s in spacing))
     ct_path, mask_path = tmp / "ct.nii.gz", tmp / "organs.nii.gz"

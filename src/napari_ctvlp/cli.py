@@ -18,7 +18,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from napari_ctvlp.engine.phantom import write_phantom_dataset
+    from napari_ctvlp.phantom import write_phantom_dataset
 
     info = write_phantom_dataset(
         Path(args.out),
@@ -35,7 +35,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from napari_ctvlp.engine.pipeline import run_detect_cli
+    from napari_ctvlp.cli_detect import run_detect_cli
 
     return run_detect_cli(
         args.inputs,

@@ -36,7 +36,7 @@ def build_demo_viewer(out_dir: Path, *, seed: int, size: tuple[int, int, int], d
     import napari
 
     from napari_ctvlp._sample_data import phantom_layers
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
     from napari_ctvlp.io import write_labels, write_volume
 
     phantom = make_phantom(seed=seed, size=size)

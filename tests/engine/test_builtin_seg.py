@@ -23,14 +23,18 @@ from napari_ctvlp.engine.networks.seg_model import (  # noqa: E402
     organs_to_classes,
 )
 from napari_ctvlp.engine.preprocess import PreprocessConfig  # noqa: E402
-from napari_ctvlp.engine.segmentation import BACKENDS, SegmentationUnavailable, segment  # noqa: E402
+from napari_ctvlp.engine.segmentation import (  # noqa: E402
+    BACKENDS,
+    SegmentationUnavailable,
+    register_default_backends,
+    segment,
+)
 from napari_ctvlp.engine.segmentation.builtin import (  # noqa: E402
     ENV_WEIGHTS,
     builtin_labels,
     default_weights_path,
     keep_largest_components,
     load_seg_checkpoint,
-    register,
     save_seg_checkpoint,
     unavailable_reason,
 )
@@ -49,7 +53,7 @@ def _tiny_checkpoint(tmp_path: Path, **overrides) -> tuple[Path, BuiltinSegNet]:
 
 
 def _phantom(size=(48, 64, 64), seed=3):
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     return make_phantom(seed=seed, size=size)
 
@@ -192,10 +196,10 @@ def test_auto_uses_builtin_only_with_user_weights(tmp_path: Path, monkeypatch: p
     path, _ = _tiny_checkpoint(tmp_path)
     try:
         monkeypatch.delenv(ENV_WEIGHTS, raising=False)
-        register()
+        register_default_backends()
         assert BACKENDS["builtin"].auto is False
         monkeypatch.setenv(ENV_WEIGHTS, str(path))
-        register()
+        register_default_backends()
         assert BACKENDS["builtin"].auto is True
         vol = _phantom(size=(32, 48, 48)).volume
         off = dataclasses.replace(BACKENDS["totalsegmentator"], unavailable_reason=lambda *, fast=True: "off")
@@ -203,7 +207,7 @@ def test_auto_uses_builtin_only_with_user_weights(tmp_path: Path, monkeypatch: p
         assert segment(vol).backend == "builtin"
     finally:
         monkeypatch.delenv(ENV_WEIGHTS, raising=False)
-        register()
+        register_default_backends()
 
 
 def test_init_from_ctvlp_copies_encoder() -> None:

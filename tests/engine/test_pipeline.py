@@ -20,15 +20,15 @@ from napari_ctvlp.engine.pipeline import (  # noqa: E402
     DetectionResult,
     detect,
     load_model,
-    run_detect_cli,
-    write_results,
 )
+from napari_ctvlp.engine.results_io import write_results  # noqa: E402
+from napari_ctvlp.cli_detect import run_detect_cli  # noqa: E402
 from napari_ctvlp.engine.volume import CTVolume  # noqa: E402
 
 
 def _phantom() -> tuple[CTVolume, np.ndarray]:
     """A 64^3 synthetic chest-CT phantom and its organ labels."""
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     ph = make_phantom(seed=0, size=(64, 64, 64))
     return ph.volume, np.asarray(ph.organs, dtype=np.uint8)

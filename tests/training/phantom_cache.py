@@ -16,7 +16,7 @@ def tiny_preprocess_config():
 
 def write_phantoms(root: Path, *, n: int, seed: int, split: str = "train", size=(40, 40, 40)) -> Path:
     """A CT-RATE-layout phantom dataset of ``n`` small volumes."""
-    from napari_ctvlp.engine.phantom import write_phantom_dataset
+    from napari_ctvlp.phantom import write_phantom_dataset
 
     write_phantom_dataset(root, n=n, seed=seed, size=size, split=split)
     return root

@@ -56,7 +56,7 @@ def test_finetune_without_pta(tmp_path: Path) -> None:
 
 def test_loss_decreases_on_a_fixed_batch() -> None:
     """L_seg + 0.8 L_pta goes down when fitting one phantom crop (the optimisation is real)."""
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
     from napari_ctvlp.engine.preprocess import PreprocessConfig
 
     ph = make_phantom(seed=5, size=(32, 48, 48))
@@ -102,7 +102,7 @@ def test_init_from_ctvlp_checkpoint(tmp_path: Path) -> None:
 
 
 def test_folder_data_and_bad_arguments(tmp_path: Path) -> None:
-    from napari_ctvlp.engine.phantom_dataset import write_phantom_dataset
+    from napari_ctvlp.phantom import write_phantom_dataset
 
     root = tmp_path / "ds"
     write_phantom_dataset(root, n=2, seed=1, size=(32, 48, 48))

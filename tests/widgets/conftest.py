@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def phantom():
     """``(CTVolume, organ labels)`` of a small synthetic chest-CT phantom."""
-    from napari_ctvlp.engine.phantom import make_phantom
+    from napari_ctvlp.phantom import make_phantom
 
     ph = make_phantom(seed=1, size=PHANTOM_SIZE)
     return ph.volume, ph.organs

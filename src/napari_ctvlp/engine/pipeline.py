@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointInfo", "DetectionCancelled", "DetectionResult", "DetectionSession", "clear_model_cache",
-    "detect", "load_model", "resolve_device", "run_detect_cli", "write_results",
+    "detect", "load_model", "resolve_device",
 ]
 
 STAGES = ("read", "model", "segmentation", "preprocess", "image features", "scoring", "prompts")
@@ -377,6 +377,3 @@ def detect(
     )
     return DetectionResult(volume, seg, scores, prompt_scores, maps, timings, info, session, dev)
 
-
-# re-exported here: the CLI and the widgets import everything from the pipeline
-from napari_ctvlp.engine.results_io import run_detect_cli, write_results  # noqa: E402

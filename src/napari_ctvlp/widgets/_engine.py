@@ -190,7 +190,6 @@ def row_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.nd
 def export_source(result: Any, *, extra_heatmaps: dict[str, np.ndarray] | None = None) -> ExportSource:
     """What the export panel writes for a detection (its heatmaps plus those shown since)."""
     from napari_ctvlp.engine import results_io
-    from napari_ctvlp.engine.pipeline import write_results
 
     labels, names = result_labels(result)
     seg = result.segmentation
@@ -202,7 +201,7 @@ def export_source(result: Any, *, extra_heatmaps: dict[str, np.ndarray] | None =
     return ExportSource(
         volume=result.volume, labels=labels, label_names=names,
         heatmaps={k: v for k, v in (extra_heatmaps or {}).items() if k not in result.heatmaps},
-        write_results=lambda out, overwrite: write_results(result, out, overwrite=overwrite),
+        write_results=lambda out, overwrite: results_io.write_results(result, out, overwrite=overwrite),
         results_files=files, volume_ml=dict(seg.volume_ml or {}), mean_hu=dict(seg.mean_hu or {}),
         incomplete=dict(seg.incomplete or {}),
     )

@@ -3,7 +3,7 @@
 Backends (registry :data:`BACKENDS`, name -> :class:`Backend`):
 
 * ``"totalsegmentator"`` -- TotalSegmentator ``total`` (fast 3 mm or full 1.5 mm), mapped to our labels;
-* ``"builtin"`` -- the project's own model (registered by its module with :func:`register_backend`);
+* ``"builtin"`` -- the project's own model (:mod:`.builtin`);
 * ``"threshold"`` -- HU-threshold + geometry fallback that needs no weights.
 
 ``backend="auto"`` picks the first available of those, in that order.
@@ -34,6 +34,7 @@ __all__ = [
     "OrganSegmentation",
     "SegmentationUnavailable",
     "available_backends",
+    "register_default_backends",
     "dice",
     "from_label_file",
     "register_backend",
@@ -238,7 +239,9 @@ def from_label_file(
     return _wrap(like, labels, "file", {"load": time.perf_counter() - t0})
 
 
-def _register_defaults() -> None:
+def register_default_backends() -> None:
+    """(Re-)register the shipped backends; ``builtin`` joins ``"auto"`` only when
+    ``$NAPARI_CTVLP_BUILTIN_SEG`` is set at this call (see :func:`.builtin.in_auto`)."""
     from . import threshold, totalseg
 
     register_backend(
@@ -257,7 +260,15 @@ def _register_defaults() -> None:
     )
     from . import builtin
 
-    builtin.register()
+    register_backend(
+        "builtin",
+        lambda volume, *, device="cpu", fast=True, progress=None: builtin.builtin_labels(
+            volume, device=device, progress=progress
+        ),
+        lambda *, fast=True: builtin.unavailable_reason(fast=fast),
+        description="the project's small UNETR-style model with MOSMOS pixel-tag maps (phantom-trained weights)",
+        auto=builtin.in_auto(),
+    )
 
 
-_register_defaults()
+register_default_backends()

@@ -45,7 +45,7 @@ __all__ = [
     "keep_largest_components",
     "load_seg_checkpoint",
     "predict_classes",
-    "register",
+    "in_auto",
     "save_seg_checkpoint",
     "unavailable_reason",
 ]
@@ -367,20 +367,8 @@ def builtin_labels(
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
-def register() -> None:
-    """Register the ``builtin`` backend in :mod:`napari_ctvlp.engine.segmentation`.
-
-    ``backend="auto"`` considers it only when ``$NAPARI_CTVLP_BUILTIN_SEG`` names weights (the
-    default weights are phantom-only); ``backend="builtin"`` always uses it.
-    """
-    from . import register_backend
-
-    register_backend(
-        "builtin",
-        lambda volume, *, device="cpu", fast=True, progress=None: builtin_labels(volume, device=device, progress=progress),
-        lambda *, fast=True: unavailable_reason(fast=fast),
-        description="the project's small UNETR-style model with MOSMOS pixel-tag maps (phantom-trained weights)",
-        # the shipped weights know only synthetic phantoms (real-CT body Dice 0.43, lungs < 0.1): "auto"
-        # keeps preferring TotalSegmentator / the HU threshold unless the user points ENV_WEIGHTS at a model
-        auto=bool(os.environ.get(ENV_WEIGHTS)),
-    )
+def in_auto() -> bool:
+    """Whether ``backend="auto"`` may pick this backend: only when ``$NAPARI_CTVLP_BUILTIN_SEG`` names
+    weights. The shipped weights know only synthetic phantoms (real-CT body Dice 0.43, lungs < 0.1),
+    so "auto" keeps preferring TotalSegmentator / the HU threshold; ``backend="builtin"`` always works."""
+    return bool(os.environ.get(ENV_WEIGHTS))

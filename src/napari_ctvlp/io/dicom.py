@@ -16,7 +16,7 @@ import numpy as np
 
 from napari_ctvlp import __version__
 from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
-from napari_ctvlp.io import CTReadError, _axcodes, _fail, _hu_array, _one_line, is_dicom_file, spacing_from_affine
+from napari_ctvlp.io._common import CTReadError, axcodes, hu_array, one_line, read_error, spacing_from_affine
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _plain(value: Any) -> Any:
         return float(value)
     if isinstance(value, int):
         return int(value)
-    return _one_line(value, 200)
+    return one_line(value, 200)
 
 
 def _read_header(path: Path) -> Any | None:
@@ -94,15 +94,15 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
     if path.is_file():
         ds = _read_header(path)
         if ds is None:
-            raise _fail(path, "is not a readable DICOM file")
+            raise read_error(path, "is not a readable DICOM file")
         if "SeriesInstanceUID" not in ds:
-            raise _fail(path, "DICOM file has no SeriesInstanceUID")
+            raise read_error(path, "DICOM file has no SeriesInstanceUID")
         wanted = str(ds.SeriesInstanceUID)
     files = _candidates(folder)
     if not files:
         subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
         hint = f" (it has sub-folders {', '.join(subdirs[:5])}: pass one series folder)" if subdirs else ""
-        raise _fail(folder, f"folder is empty{hint}")
+        raise read_error(folder, f"folder is empty{hint}")
     series: dict[str, list[tuple[Path, Any]]] = {}
     multiframe = 0
     n = len(files)
@@ -117,7 +117,7 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             is_slice = _is_slice(ds)
         except Exception as exc:
-            logger.warning("skipping unreadable DICOM file %s: %s", f, _one_line(exc))
+            logger.warning("skipping unreadable DICOM file %s: %s", f, one_line(exc))
             continue
         if wanted is not None and uid != wanted:
             continue
@@ -130,16 +130,16 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
         series.setdefault(uid, []).append((f, ds))
     if not series:
         if multiframe:
-            raise _fail(folder, "holds only multi-frame DICOM images, which are not supported; convert to one file per slice or NIfTI")
+            raise read_error(folder, "holds only multi-frame DICOM images, which are not supported; convert to one file per slice or NIfTI")
         subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
         hint = f"; its sub-folders ({', '.join(subdirs[:5])}) may hold series: pass one of them" if subdirs else ""
-        raise _fail(folder, f"folder contains no DICOM image slices ({n} files checked){hint}")
+        raise read_error(folder, f"folder contains no DICOM image slices ({n} files checked){hint}")
     if len(series) > 1:
         parts = []
         for uid, items in sorted(series.items(), key=lambda kv: -len(kv[1])):
             desc = str(items[0][1].get("SeriesDescription", "") or "no description")
             parts.append(f"{uid} '{desc}' ({len(items)} files)")
-        raise _fail(
+        raise read_error(
             folder,
             f"folder holds {len(series)} DICOM series: {'; '.join(parts)}; "
             "pass the folder of one series (or one of its files)",
@@ -156,20 +156,20 @@ def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[tuple[P
         positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for _, ds in items], dtype=float)
         orientations = np.asarray([[float(v) for v in ds.ImageOrientationPatient] for _, ds in items], dtype=float)
     except Exception as exc:
-        raise _fail(folder, f"invalid DICOM geometry tags ({type(exc).__name__}: {exc})") from exc
+        raise read_error(folder, f"invalid DICOM geometry tags ({type(exc).__name__}: {exc})") from exc
     if iop.shape != (6,) or positions.shape != (len(items), 3) or orientations.shape != (len(items), 6):
-        raise _fail(folder, "ImageOrientationPatient/ImagePositionPatient have the wrong number of values")
+        raise read_error(folder, "ImageOrientationPatient/ImagePositionPatient have the wrong number of values")
     if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(iop)) and row_spacing > 0 and col_spacing > 0):
-        raise _fail(folder, "invalid DICOM geometry (non-finite position or non-positive PixelSpacing)")
+        raise read_error(folder, "invalid DICOM geometry (non-finite position or non-positive PixelSpacing)")
     if np.max(np.abs(orientations - iop)) > 1e-3:
-        raise _fail(folder, "slices of the series have different ImageOrientationPatient")
+        raise read_error(folder, "slices of the series have different ImageOrientationPatient")
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
     if len(shapes) > 1:
-        raise _fail(folder, f"slices have different sizes {sorted(shapes)}")
+        raise read_error(folder, f"slices have different sizes {sorted(shapes)}")
     row_dir, col_dir = iop[:3], iop[3:]
     normal = np.cross(row_dir, col_dir)
     if np.linalg.norm(normal) < 1e-3:
-        raise _fail(folder, "ImageOrientationPatient row and column directions are parallel")
+        raise read_error(folder, "ImageOrientationPatient row and column directions are parallel")
     normal /= np.linalg.norm(normal)
     order = np.argsort(positions @ normal, kind="stable")
     items = [items[i] for i in order]
@@ -177,13 +177,13 @@ def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[tuple[P
     n = len(items)
     if n < 2:
         rows, cols = shapes.pop()
-        raise _fail(folder, f"is a 2D image (one DICOM slice of {rows}x{cols}); need a 3D series")
+        raise read_error(folder, f"is a 2D image (one DICOM slice of {rows}x{cols}); need a 3D series")
     steps = np.diff(positions @ normal)
     if steps.min() < 1e-3:
-        raise _fail(folder, "several slices share the same position (more than one acquisition or duplicates in the series?)")
+        raise read_error(folder, "several slices share the same position (more than one acquisition or duplicates in the series?)")
     median = float(np.median(steps))
     if steps.max() - steps.min() > max(1e-2, 0.01 * median):
-        raise _fail(
+        raise read_error(
             folder,
             f"slice spacing is not uniform ({steps.min():.3f}..{steps.max():.3f} mm); missing slices?",
         )
@@ -203,7 +203,7 @@ def _pixels(path: Path, ds: Any) -> np.ndarray:
 
     arr = ds.pixel_array
     if arr.ndim != 2:
-        raise _fail(path, f"slice pixel data has shape {arr.shape}; need one grey-value frame")
+        raise read_error(path, f"slice pixel data has shape {arr.shape}; need one grey-value frame")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     if "ModalityLUTSequence" in ds or not (slope.is_integer() and intercept.is_integer()):
@@ -224,7 +224,7 @@ def read_dicom_series(path: Path, *, progress: ProgressCallback | None = None) -
     except CTReadError:
         raise
     except Exception as exc:  # lazily parsed DICOM values can fail anywhere
-        raise _fail(path, f"invalid DICOM data ({type(exc).__name__}: {exc})") from exc
+        raise read_error(path, f"invalid DICOM data ({type(exc).__name__}: {exc})") from exc
 
 
 def _read_series(path: Path, progress: ProgressCallback | None) -> CTVolume:
@@ -244,11 +244,11 @@ def _read_series(path: Path, progress: ProgressCallback | None) -> CTVolume:
         except CTReadError:
             raise
         except Exception as exc:
-            raise _fail(f, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+            raise read_error(f, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
     if len({s.shape for s in slices}) > 1:
-        raise _fail(folder, "decoded slices have different sizes")
+        raise read_error(folder, "decoded slices have different sizes")
     data = np.stack(slices)  # (k, j, i): slice, row, column
-    array = np.ascontiguousarray(_hu_array(data, folder))
+    array = np.ascontiguousarray(hu_array(data, folder))
     first = items[0][1]
     meta: dict[str, Any] = {"path": str(path), "format": "dicom", "folder": str(folder)}
     for key in ("SeriesInstanceUID", "StudyInstanceUID", "Modality"):
@@ -268,7 +268,7 @@ def _read_series(path: Path, progress: ProgressCallback | None) -> CTVolume:
             meta[key] = float(value[0] if isinstance(value, pydicom.multival.MultiValue) else value)
     report(progress, 2 * n, 2 * n, f"read {n} slices of {folder.name}")
     logger.info("read DICOM series %s: %d slices from %s", meta.get("SeriesInstanceUID"), n, folder)
-    return CTVolume(array, spacing_from_affine(affine), affine, _axcodes(affine), meta)
+    return CTVolume(array, spacing_from_affine(affine), affine, axcodes(affine), meta)
 
 
 def _fill_missing_uids(sources: list[Any], like: CTVolume) -> None:

@@ -37,17 +37,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .anatomy import ABNORMALITY_NAMES, ORGAN_BY_NAME
-from .phantom_shapes import Canvas, SmoothField, ellipsoid, polyline, rotation_z, segment
-from .volume import CTVolume, ProgressCallback, report
+from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES
+from napari_ctvlp.engine.volume import CTVolume
+
+from .context import (
+    AORTA, BODY, BONE, ESOPHAGUS, HEART, MEDIASTINUM, SPINE, TRACHEA, PhantomContext, bronchial_tree,
+    paint_airways, paint_tube,
+)
+from .lesions import PAINTERS
+from .report import write_report
+from .shapes import Canvas, SmoothField, ellipsoid, polyline, rotation_z, segment
 
 logger = logging.getLogger(__name__)
-
-LOBES = {3: ("left", "upper lobe"), 4: ("left", "lower lobe"), 5: ("right", "upper lobe"),
-         6: ("right", "middle lobe"), 7: ("right", "lower lobe")}
-_LV = {name: o.value for name, o in ORGAN_BY_NAME.items()}
-BODY, BONE, SPINE, MEDIASTINUM = _LV["body"], _LV["bone"], _LV["spine"], _LV["mediastinum"]
-HEART, AORTA, ESOPHAGUS, TRACHEA = _LV["heart"], _LV["aorta"], _LV["esophagus"], _LV["trachea"]
 
 #: Approximate CT-RATE prevalences used when an abnormality is drawn at random.
 PREVALENCE: dict[str, float] = {
@@ -149,85 +150,13 @@ def sample_abnormalities(
     return {n: out[n] for n in ABNORMALITY_NAMES}
 
 
-class _Ctx:
-    """Mutable painting state shared by the anatomy and lesion painters."""
-
-    def __init__(self, canvas: Canvas, seed: int) -> None:
-        self.canvas = canvas
-        self.seed = seed
-        self.hu = np.full(canvas.shape, -1000.0, dtype=np.float32)
-        self.organs = np.zeros(canvas.shape, dtype=np.uint8)
-        self.lesions = np.zeros(canvas.shape, dtype=np.uint8)
-        self.geo: dict = {}
-        self.present: dict[str, bool] = {}
-        self._lung_sub: tuple | None = None
-
-    def rng(self, stream: str) -> np.random.Generator:
-        """Independent generator per named stream (stable across abnormality choices)."""
-        key = [int(b) for b in stream.encode()]
-        return np.random.default_rng([self.seed & 0xFFFFFFFF, self.seed >> 32, *key])
-
-    def paint(self, sls, mask, *, hu=None, organ: int | None = None, lesion: str | None = None,
-              where_lung: bool = False) -> np.ndarray:
-        """Paint ``mask`` (bool over ``sls``) with HU/organ/lesion; returns the painted mask."""
-        if where_lung:
-            mask = mask & is_lung(self.organs[sls])
-        if hu is not None:
-            sub = self.hu[sls]
-            sub[mask] = hu[mask] if isinstance(hu, np.ndarray) else hu
-        if organ is not None:
-            self.organs[sls][mask] = organ
-        if lesion is not None:
-            self.lesions[sls][mask] = ABNORMALITY_NAMES.index(lesion) + 1
-        return mask
-
-    def lung_sub(self):
-        """Subsampled lobe map (~5 mm voxels), its step and depth below the pleura (mm)."""
-        if self._lung_sub is None:
-            from scipy import ndimage
-
-            step = tuple(max(1, int(round(5.0 / s))) for s in self.canvas.spacing)
-            sub = self.organs[:: step[0], :: step[1], :: step[2]].copy()
-            sub[~is_lung(sub)] = 0
-            depth = ndimage.distance_transform_edt(
-                sub > 0, sampling=[st * s for st, s in zip(step, self.canvas.spacing)]
-            )
-            self._lung_sub = (sub, step, depth)
-        return self._lung_sub
-
-    def pick(self, rng: np.random.Generator, *, lobes=(3, 4, 5, 6, 7), depth=(0.0, 1e9),
-             where=None) -> tuple[tuple[float, float, float], int] | None:
-        """A random lung point (world mm) in ``lobes`` with pleural depth in ``depth`` (mm).
-
-        ``where(z, y, x)`` (world mm grids of the subsampled lattice) can restrict it further.
-        """
-        sub, step, dep = self.lung_sub()
-        ok = np.isin(sub, lobes) & (dep >= depth[0]) & (dep <= depth[1])
-        if where is not None:
-            z, y, x = (self.canvas.coords(a, slice(None, None, step[a])) for a in range(3))
-            ok &= where(z[:, None, None], y[None, :, None], x[None, None, :])
-        idx = np.flatnonzero(ok)
-        if idx.size == 0:
-            return None
-        k = np.unravel_index(int(idx[rng.integers(idx.size)]), sub.shape)
-        full = tuple(int(k[a] * step[a]) for a in range(3))
-        jitter = tuple(float(rng.uniform(-0.5, 0.5) * step[a] * self.canvas.spacing[a]) for a in range(3))
-        pt = tuple(p + j for p, j in zip(self.canvas.point(full), jitter))
-        return pt, int(sub[k])
-
-
-def is_lung(organs: np.ndarray) -> np.ndarray:
-    """Boolean mask of lung lobe labels (3-7)."""
-    return (organs >= 3) & (organs <= 7)
-
-
 def _superellipse(y, x, a, b_ant, b_post, p=2.4):
     """Super-ellipse level ``q`` (<= 1 inside) with different anterior/posterior semi-axes."""
     b = np.where(y < 0, np.float32(b_ant), np.float32(b_post)).astype(np.float32)
     return (np.abs(x) / a) ** p + (np.abs(y) / b) ** p
 
 
-def _geometry(ctx: _Ctx, rng: np.random.Generator, present: Mapping[str, bool]) -> dict:
+def _geometry(ctx: PhantomContext, rng: np.random.Generator, present: Mapping[str, bool]) -> dict:
     """Random patient geometry (mm) and the mediastinal structures' centrelines."""
     s = float(rng.uniform(0.9, 1.04))
     g: dict = {}
@@ -258,7 +187,7 @@ def _geometry(ctx: _Ctx, rng: np.random.Generator, present: Mapping[str, bool]) 
     return g
 
 
-def _keepout(ctx: _Ctx) -> np.ndarray:
+def _keepout(ctx: PhantomContext) -> np.ndarray:
     """Mediastinal structures grown by a margin: the lungs are carved around them."""
     g, cv = ctx.geo, ctx.canvas
     keep = np.zeros(cv.shape, dtype=bool)
@@ -282,7 +211,7 @@ def _keepout(ctx: _Ctx) -> np.ndarray:
     return keep
 
 
-def _base(ctx: _Ctx, rng: np.random.Generator, keep: np.ndarray) -> None:
+def _base(ctx: PhantomContext, rng: np.random.Generator, keep: np.ndarray) -> None:
     """Body wall, ribs, sternum, spine, abdomen, lungs (lobes) and mediastinal fat, slab by slab."""
     g, cv = ctx.geo, ctx.canvas
     d, h, w = cv.shape
@@ -343,7 +272,7 @@ def _base(ctx: _Ctx, rng: np.random.Generator, keep: np.ndarray) -> None:
     _spine_sternum(ctx)
 
 
-def _spine_sternum(ctx: _Ctx) -> None:
+def _spine_sternum(ctx: PhantomContext) -> None:
     """Vertebrae (body, discs, arch, spinous process, canal) and the sternum."""
     g, cv = ctx.geo, ctx.canvas
     sls = cv.box((-400.0, g["yv"] - 22, -40.0), (400.0, g["yv"] + 62, 40.0))
@@ -371,63 +300,7 @@ def _spine_sternum(ctx: _Ctx) -> None:
         ctx.paint(sls, np.broadcast_to(plate, shp), hu=val, organ=BONE)
 
 
-def _tube(ctx: _Ctx, segs, *, hu, organ=None, wall: float = 0.0, wall_hu=None, lesion=None,
-          where_lung=False, within=None) -> None:
-    """Paint tubes (walls first, then lumens, so joints stay open)."""
-    passes = ([(wall, wall_hu)] if wall > 0 else []) + [(0.0, hu)]
-    for off, val in passes:
-        for p0, p1, r0, r1 in segs:
-            t = segment(ctx.canvas, p0, p1, r0, r1, margin=off)
-            if t is None:
-                continue
-            m = t[1] <= off
-            if within is not None:
-                m &= within(t[0])
-            ctx.paint(t[0], m, hu=val, organ=organ, lesion=lesion, where_lung=where_lung)
-
-
-_TARGETS = {  # lobar bronchus end points (z, y, x/|x|) in mm, mirrored for the left lung
-    "right": [(90, 0, 55), (60, -45, 70), (-15, -55, 70), (10, 50, 75), (-60, 30, 80), (-55, -10, 95), (-70, 55, 55)],
-    "left": [(90, 5, 50), (60, -45, 70), (-20, -50, 75), (10, 50, 75), (-70, 30, 80), (-60, -5, 95), (-75, 55, 55)],
-}
-
-
-def _bronchial_tree(ctx: _Ctx, rng: np.random.Generator) -> list[dict]:
-    """Lobar and segmental bronchi (with their companion arteries) from each hilum."""
-    g = ctx.geo
-    branches = []
-    for side, sign in (("left", 1.0), ("right", -1.0)):
-        hz, hy, hx = g["hilum"][side]
-        for tz, ty, tx in _TARGETS[side]:
-            tgt = np.array([tz, ty * g["s"], sign * tx * g["s"]]) + rng.uniform(-8, 8, 3)
-            p0 = np.array([hz, hy, hx])
-            mid = p0 + 0.55 * (tgt - p0)
-            branches.append(dict(side=side, p0=tuple(p0), p1=tuple(mid), r0=4.0, r1=3.2))
-            for _ in range(2):
-                end = tgt + rng.uniform(-22, 22, 3)
-                branches.append(dict(side=side, p0=tuple(mid), p1=tuple(end), r0=3.0, r1=1.8))
-    for b in branches:  # companion artery: parallel, offset sideways
-        d = np.subtract(b["p1"], b["p0"])
-        perp = np.cross(d, [1.0, 0.0, 0.0]) + 1e-3
-        perp /= np.linalg.norm(perp)
-        b["offset"] = tuple(perp)
-    return branches
-
-
-def paint_airways(ctx: _Ctx, branches: list[dict], *, lumen_scale: float = 1.0, wall: float = 1.2,
-                  wall_hu: float = 20.0, vessels: bool = True, lesion: str | None = None) -> None:
-    """Paint intrapulmonary bronchi (and their arteries) inside the lungs."""
-    segs = [(b["p0"], b["p1"], b["r0"] * lumen_scale, b["r1"] * lumen_scale) for b in branches]
-    if vessels:
-        vsegs = []
-        for b in branches:
-            off = np.asarray(b["offset"]) * (b["r0"] * lumen_scale + wall + b["r0"] + 1.0)
-            vsegs.append((tuple(np.add(b["p0"], off)), tuple(np.add(b["p1"], off)), b["r0"] * 1.05, b["r1"]))
-        _tube(ctx, vsegs, hu=ctx.geo["blood"], where_lung=True)
-    _tube(ctx, segs, hu=-990.0, wall=wall, wall_hu=wall_hu, lesion=lesion, where_lung=True)
-
-
-def _organs(ctx: _Ctx, rng: np.random.Generator) -> None:
+def _organs(ctx: PhantomContext, rng: np.random.Generator) -> None:
     """Abdomen, heart, great vessels, esophagus, airways and lung vessels."""
     g, cv = ctx.geo, ctx.canvas
     blood, myo = g["blood"], g["myocardium"]
@@ -458,20 +331,20 @@ def _organs(ctx: _Ctx, rng: np.random.Generator) -> None:
         ctx.paint(sls, q <= 0.62, hu=blood)
         ctx.geo["heart_box"] = sls
     # great vessels (mediastinum) and the aorta
-    _tube(ctx, [(a, b, 11.0, 10.0) for a, b in g["pa"]], hu=blood, organ=MEDIASTINUM)
-    _tube(ctx, polyline(g["svc"], 9.0), hu=blood, organ=MEDIASTINUM)
-    _tube(ctx, polyline(g["aorta"], g["aorta_r"]), hu=blood, organ=AORTA, wall=1.5, wall_hu=45.0)
+    paint_tube(ctx, [(a, b, 11.0, 10.0) for a, b in g["pa"]], hu=blood, organ=MEDIASTINUM)
+    paint_tube(ctx, polyline(g["svc"], 9.0), hu=blood, organ=MEDIASTINUM)
+    paint_tube(ctx, polyline(g["aorta"], g["aorta_r"]), hu=blood, organ=AORTA, wall=1.5, wall_hu=45.0)
     # esophagus with a collapsed air lumen; trachea and main bronchi
-    _tube(ctx, polyline(g["esophagus"], 8.0), hu=40.0, organ=ESOPHAGUS)
-    _tube(ctx, polyline(g["esophagus"][:-2], 1.8), hu=-900.0, organ=ESOPHAGUS)
+    paint_tube(ctx, polyline(g["esophagus"], 8.0), hu=40.0, organ=ESOPHAGUS)
+    paint_tube(ctx, polyline(g["esophagus"][:-2], 1.8), hu=-900.0, organ=ESOPHAGUS)
     main = [(g["trachea"][-1], g["hilum"][s], 6.5, 5.0) for s in ("left", "right")]
-    _tube(ctx, polyline(g["trachea"], 9.0) + main, hu=-1000.0, organ=TRACHEA, wall=2.5, wall_hu=50.0)
+    paint_tube(ctx, polyline(g["trachea"], 9.0) + main, hu=-1000.0, organ=TRACHEA, wall=2.5, wall_hu=50.0)
     # normal small lymph nodes
     for c in ((30.0, 25.0, 0.0), (60.0, 0.0, -20.0)):
         e = ellipsoid(cv, c, (3.5, 3.5, 3.5))
         if e:
             ctx.paint(e[0], (e[1] <= 1) & (ctx.organs[e[0]] == MEDIASTINUM), hu=40.0)
-    ctx.geo["bronchi"] = _bronchial_tree(ctx, rng)
+    ctx.geo["bronchi"] = bronchial_tree(ctx, rng)
     paint_airways(ctx, ctx.geo["bronchi"])
 
 
@@ -497,9 +370,6 @@ def make_phantom(
     Returns:
         A :class:`Phantom`; ``volume.array`` is ``int16`` HU with LPS voxel axes.
     """
-    from .phantom_lesions import PAINTERS
-    from .phantom_report import write_report
-
     if len(size) != 3 or min(int(n) for n in size) < 16:
         raise ValueError(f"size must be 3 integers >= 16 (D, H, W), got {size!r}")
     size = tuple(int(n) for n in size)  # type: ignore[assignment]
@@ -515,7 +385,7 @@ def make_phantom(
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
-    ctx = _Ctx(Canvas(size, spacing), int(seed))  # type: ignore[arg-type]
+    ctx = PhantomContext(Canvas(size, spacing), int(seed))  # type: ignore[arg-type]
     prng = ctx.rng("patient")
     age = int(prng.integers(25, 86))
     sex = "M" if prng.random() < 0.55 else "F"
@@ -558,10 +428,3 @@ def make_phantom(
         {"format": "phantom", "seed": int(seed), "contrast": contrast, "noise_sigma": sigma if noise else 0.0},
     )
     return Phantom(volume, ctx.organs, ctx.lesions, labels, findings, impression, age, sex, contrast, details)
-
-
-# the CT-RATE layout writer lives in its own module; re-exported here for the CLI and tests
-from .phantom_dataset import PhantomDatasetInfo, write_phantom_dataset  # noqa: E402
-
-__all__ = ["LOBES", "PREVALENCE", "Phantom", "PhantomDatasetInfo", "default_spacing", "make_phantom",
-           "phantom_affine", "sample_abnormalities", "write_phantom_dataset"]

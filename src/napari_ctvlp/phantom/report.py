@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .anatomy import ABNORMALITY_NAMES
+from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES
 
 #: Lower-case keywords; every sentence about the abnormality contains at least one.
 REPORT_KEYWORDS: dict[str, tuple[str, ...]] = {

@@ -1,4 +1,4 @@
-"""Tests of the synthetic chest-CT phantom (engine/phantom*.py)."""
+"""Tests of the synthetic chest-CT phantom package (napari_ctvlp/phantom/)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from napari_ctvlp.engine.anatomy import (
     ORGAN_LABELS,
     anatomy_masks,
 )
-from napari_ctvlp.engine.phantom import (
+from napari_ctvlp.phantom import (
     PREVALENCE,
     make_phantom,
     sample_abnormalities,
     write_phantom_dataset,
 )
-from napari_ctvlp.engine.phantom_report import NEGATION_CUES, REPORT_KEYWORDS
+from napari_ctvlp.phantom.report import NEGATION_CUES, REPORT_KEYWORDS
 
 SIZE = (80, 96, 96)
 SEED = 3

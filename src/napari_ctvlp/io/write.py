@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from napari_ctvlp.engine.volume import CTVolume
-from napari_ctvlp.io import NIFTI_SUFFIXES, _stem, _suffix
+from napari_ctvlp.io._common import NIFTI_SUFFIXES, path_stem, path_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     The temporary name keeps ``path``'s suffix (``.nii.gz`` etc.) so writers that pick the
     format from the name behave the same. The temporary file is removed on failure.
     """
-    suffix = _suffix(path) or ".tmp"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_stem(path)}.", suffix=suffix, dir=path.parent)
+    suffix = path_suffix(path) or ".tmp"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path_stem(path)}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -92,7 +92,7 @@ def _label_format(path: Path, format: str | None) -> str:
         if format not in ("nifti", "dicom-seg"):
             raise ValueError(f"write_labels: format must be 'nifti' or 'dicom-seg', got {format!r}")
         return format
-    suffix = _suffix(path)
+    suffix = path_suffix(path)
     if suffix in NIFTI_SUFFIXES:
         return "nifti"
     if suffix == ".dcm":
@@ -139,12 +139,12 @@ def write_labels(
     value_names = {v: str(table.get(v, f"label_{v}")) for v in present}
 
     if fmt == "dicom-seg":
-        from napari_ctvlp._io_dicom import write_dicom_seg
+        from napari_ctvlp.io.dicom import write_dicom_seg
 
         _check_targets([target], overwrite)
         return [atomic_write(target, lambda tmp: write_dicom_seg(labels, like=like, path=tmp, names=value_names))]
 
-    sidecar = target.with_name(_stem(target) + ".json")
+    sidecar = target.with_name(path_stem(target) + ".json")
     _check_targets([target, sidecar], overwrite)
     dtype = np.dtype(np.uint8 if hi < 256 else np.uint16)
     img = _nifti_image(labels, like, dtype)
@@ -178,7 +178,7 @@ def write_volume(
         overwrite: replace an existing file; otherwise ``FileExistsError``.
     """
     target = Path(path).expanduser()
-    if _suffix(target) not in NIFTI_SUFFIXES:
+    if path_suffix(target) not in NIFTI_SUFFIXES:
         raise ValueError(f"write_volume: {target} must end with .nii or .nii.gz")
     array = np.asarray(array)
     if array.shape != like.shape:

@@ -1,4 +1,4 @@
-"""Geometry helpers for the synthetic chest-CT phantom (:mod:`napari_ctvlp.engine.phantom`).
+"""Geometry helpers for the synthetic chest-CT phantom (:mod:`napari_ctvlp.phantom`).
 
 World coordinates are millimetres in the patient frame, ordered like the array axes
 ``(z, y, x)``: ``z`` = superior, ``y`` = posterior, ``x`` = patient left, all relative to the

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .anatomy import ABNORMALITY_NAMES
-from .phantom import make_phantom
-from .volume import ProgressCallback, report
+from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES
+from napari_ctvlp.engine.volume import ProgressCallback, report
+
+from .canvas import make_phantom
 
 logger = logging.getLogger(__name__)
 

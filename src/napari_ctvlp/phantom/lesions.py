@@ -3,20 +3,17 @@
 Each painter draws a located, clearly visible signature (several voxels at 128^3, still
 visible after downsampling to 64^3) into the phantom's HU, organ and lesion maps and returns
 ``details`` for the report: where (side/lobe) and how large. Sizes are in mm.
-Private helpers of :mod:`napari_ctvlp.engine.phantom`.
+Used by :func:`napari_ctvlp.phantom.canvas.make_phantom` through :data:`PAINTERS`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from .anatomy import ABNORMALITY_NAMES, LEFT_LUNG_LABELS
-from .phantom_shapes import SmoothField, ellipsoid, polyline, segment
+from napari_ctvlp.engine.anatomy import ABNORMALITY_NAMES, LEFT_LUNG_LABELS
 
-if TYPE_CHECKING:
-    from .phantom import _Ctx
+from .context import AORTA, BONE, ESOPHAGUS, HEART, LOBES, MEDIASTINUM, SPINE, PhantomContext, paint_airways, paint_tube
+from .shapes import SmoothField, ellipsoid, polyline, segment
 
 _LOWER, _UPPER = (4, 7, 6), (3, 5)
 _ALL = (3, 4, 5, 6, 7)
@@ -26,13 +23,12 @@ def _lobes_of(side: str) -> tuple[int, ...]:
     return (3, 4) if side == "left" else (5, 6, 7)
 
 
-def _thin(ctx: _Ctx, r: float) -> float:
+def _thin(ctx: PhantomContext, r: float) -> float:
     """Radius no thinner than ~0.6 in-plane voxels, so thin structures stay connected."""
     return max(r, 0.6 * max(ctx.canvas.spacing[1:]))
 
 
 def _loc(lobe: int) -> tuple[str, str]:
-    from .phantom import LOBES
 
     return LOBES[lobe]
 
@@ -42,7 +38,7 @@ def _rand_rot(rng: np.random.Generator) -> np.ndarray:
     return q.astype(np.float32)
 
 
-def _blobs(ctx: _Ctx, rng, name, *, n, radius, lobes, depth, hu, cond=None, same_lobe=False,
+def _blobs(ctx: PhantomContext, rng, name, *, n, radius, lobes, depth, hu, cond=None, same_lobe=False,
            aniso=(1.0, 1.0, 1.0), mode="set"):
     """Paint ``n`` random ellipsoids in the lungs; returns their (side, lobe) and diameters."""
     locs, sizes = [], []
@@ -75,7 +71,7 @@ def _blobs(ctx: _Ctx, rng, name, *, n, radius, lobes, depth, hu, cond=None, same
 
 # --- mediastinum, heart, vessels, esophagus, body ---------------------------------------------
 
-def prepare_lymphadenopathy(ctx: _Ctx, rng) -> None:
+def prepare_lymphadenopathy(ctx: PhantomContext, rng) -> None:
     s = ctx.geo["s"]
     stations = {
         "right paratracheal": (60.0, 2.0, -22.0), "subcarinal": (18.0, 26.0, 0.0),
@@ -89,8 +85,7 @@ def prepare_lymphadenopathy(ctx: _Ctx, rng) -> None:
     ctx.geo.setdefault("extra_keepout", []).extend((c, (r + 3,) * 3) for _, c, r in nodes)
 
 
-def lymphadenopathy(ctx: _Ctx, rng) -> dict:
-    from .phantom import MEDIASTINUM
+def lymphadenopathy(ctx: PhantomContext, rng) -> dict:
 
     for _, c, r in ctx.geo["nodes"]:
         e = ellipsoid(ctx.canvas, c, (r, r * 0.9, r * 1.1))
@@ -103,7 +98,7 @@ def lymphadenopathy(ctx: _Ctx, rng) -> dict:
             "sizes_mm": [round(2 * r) for _, _, r in ctx.geo["nodes"]]}
 
 
-def prepare_hiatal_hernia(ctx: _Ctx, rng) -> None:
+def prepare_hiatal_hernia(ctx: PhantomContext, rng) -> None:
     g = ctx.geo
     c = (g["dia_l"] + float(rng.uniform(0, 12)), 14.0, 18.0)
     r = (float(rng.uniform(20, 30)), float(rng.uniform(18, 24)), float(rng.uniform(20, 28)))
@@ -111,8 +106,7 @@ def prepare_hiatal_hernia(ctx: _Ctx, rng) -> None:
     g.setdefault("extra_keepout", []).append((c, tuple(x + 4 for x in r)))
 
 
-def hiatal_hernia(ctx: _Ctx, rng) -> dict:
-    from .phantom import AORTA, BONE, ESOPHAGUS, SPINE
+def hiatal_hernia(ctx: PhantomContext, rng) -> dict:
 
     c, r = ctx.geo["hernia"]
     e = ellipsoid(ctx.canvas, c, r)
@@ -127,16 +121,15 @@ def hiatal_hernia(ctx: _Ctx, rng) -> dict:
     return {"size_mm": round(2 * max(r))}
 
 
-def cardiomegaly(ctx: _Ctx, rng) -> dict:  # the heart's size is set in the geometry
+def cardiomegaly(ctx: PhantomContext, rng) -> dict:  # the heart's size is set in the geometry
     return {"scale": round(ctx.geo["heart_r"][2] / (55.0 * ctx.geo["s"]), 2)}
 
 
-def pericardial_effusion(ctx: _Ctx, rng) -> dict:  # painted with the heart
+def pericardial_effusion(ctx: PhantomContext, rng) -> dict:  # painted with the heart
     return {"thickness_mm": round(ctx.geo["effusion_mm"])}
 
 
-def arterial_wall_calcification(ctx: _Ctx, rng) -> dict:
-    from .phantom import AORTA
+def arterial_wall_calcification(ctx: PhantomContext, rng) -> dict:
 
     segs = polyline(ctx.geo["aorta"], ctx.geo["aorta_r"])[2:9]
     for _ in range(int(rng.integers(8, 16))):
@@ -161,8 +154,7 @@ def arterial_wall_calcification(ctx: _Ctx, rng) -> dict:
     return {}
 
 
-def coronary_calcification(ctx: _Ctx, rng) -> dict:
-    from .phantom import HEART
+def coronary_calcification(ctx: PhantomContext, rng) -> dict:
 
     hc, hr, rot = ctx.geo["heart_c"], np.asarray(ctx.geo["heart_r"]), ctx.geo["heart_rot"]
     vessels = []
@@ -184,7 +176,7 @@ def coronary_calcification(ctx: _Ctx, rng) -> dict:
     return {"vessels": sorted(set(vessels))}
 
 
-def medical_material(ctx: _Ctx, rng) -> dict:
+def medical_material(ctx: PhantomContext, rng) -> dict:
     g, cv = ctx.geo, ctx.canvas
     kind = ("pacemaker", "port catheter", "sternotomy wires")[int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
     side = "left" if (rng.random() < 0.75) == (kind == "pacemaker") else "right"
@@ -218,7 +210,7 @@ def medical_material(ctx: _Ctx, rng) -> dict:
 
 # --- lungs ------------------------------------------------------------------------------------
 
-def mosaic_attenuation(ctx: _Ctx, rng) -> dict:
+def mosaic_attenuation(ctx: PhantomContext, rng) -> dict:
     cv = ctx.canvas
     sides = ("left", "right") if rng.random() < 0.6 else (("left",), ("right",))[int(rng.integers(2))]
     lobes = tuple(lb for s in sides for lb in _lobes_of(s))
@@ -238,13 +230,13 @@ def mosaic_attenuation(ctx: _Ctx, rng) -> dict:
     return {"locations": [(s, "") for s in sides]}
 
 
-def emphysema(ctx: _Ctx, rng) -> dict:
+def emphysema(ctx: PhantomContext, rng) -> dict:
     lobes = _UPPER if rng.random() < 0.75 else _ALL
     return _blobs(ctx, rng, "Emphysema", n=int(rng.integers(6, 12)), radius=(10.0, 20.0), lobes=lobes,
                   depth=(4.0, 1e9), hu=-980.0, cond=lambda h: h < -600)
 
 
-def septal_thickening(ctx: _Ctx, rng) -> dict:
+def septal_thickening(ctx: PhantomContext, rng) -> dict:
     cv = ctx.canvas
     out = {"locations": [], "sizes_mm": []}
     period = float(rng.uniform(13.0, 18.0))
@@ -272,7 +264,7 @@ def septal_thickening(ctx: _Ctx, rng) -> dict:
     return out
 
 
-def fibrotic_sequela(ctx: _Ctx, rng) -> dict:
+def fibrotic_sequela(ctx: PhantomContext, rng) -> dict:
     apical = rng.random() < 0.5
     got = ctx.pick(rng, lobes=_UPPER if apical else _LOWER, depth=(0.0, 15.0),
                    where=(lambda z, y, x: z > 40) if apical else None)
@@ -286,19 +278,17 @@ def fibrotic_sequela(ctx: _Ctx, rng) -> dict:
         p1 = p0 + d / np.linalg.norm(d) * rng.uniform(20, 45)
         r = _thin(ctx, float(rng.uniform(1.8, 2.6)))
         segs.append((tuple(p0), tuple(p1), r, r))
-    from .phantom import _tube
 
-    _tube(ctx, segs, hu=20.0, lesion="Pulmonary fibrotic sequela", where_lung=True)
+    paint_tube(ctx, segs, hu=20.0, lesion="Pulmonary fibrotic sequela", where_lung=True)
     return {"locations": [_loc(lobe)], "apical": apical}
 
 
-def lung_opacity(ctx: _Ctx, rng) -> dict:
+def lung_opacity(ctx: PhantomContext, rng) -> dict:
     return _blobs(ctx, rng, "Lung opacity", n=int(rng.integers(1, 4)), radius=(16.0, 36.0), lobes=_ALL,
                   depth=(0.0, 1e9), hu=-420.0, mode="max")
 
 
-def consolidation(ctx: _Ctx, rng) -> dict:
-    from .phantom import _tube
+def consolidation(ctx: PhantomContext, rng) -> dict:
 
     out = _blobs(ctx, rng, "Consolidation", n=int(rng.integers(1, 3)), radius=(24.0, 42.0), lobes=_ALL,
                  depth=(8.0, 1e9), hu=35.0, same_lobe=True)
@@ -315,12 +305,11 @@ def consolidation(ctx: _Ctx, rng) -> dict:
             p1 = p0 + d / np.linalg.norm(d) * rng.uniform(18, 35)
             r = _thin(ctx, float(rng.uniform(2.0, 2.8)))
             segs.append((tuple(p0), tuple(p1), r, r * 0.8))
-    _tube(ctx, segs, hu=-950.0, within=lambda sls: ctx.lesions[sls] == idx)
+    paint_tube(ctx, segs, hu=-950.0, within=lambda sls: ctx.lesions[sls] == idx)
     return out
 
 
-def bronchiectasis(ctx: _Ctx, rng) -> dict:
-    from .phantom import paint_airways
+def bronchiectasis(ctx: PhantomContext, rng) -> dict:
 
     cand = [b for b in ctx.geo["bronchi"] if b["r0"] < 3.5 and b["p1"][0] < 0]
     pick = [cand[i] for i in rng.choice(len(cand), size=min(len(cand), int(rng.integers(3, 7))), replace=False)]
@@ -329,8 +318,7 @@ def bronchiectasis(ctx: _Ctx, rng) -> dict:
     return {"locations": sorted({(b["side"], "lower lobe") for b in pick})}
 
 
-def peribronchial_thickening(ctx: _Ctx, rng) -> dict:
-    from .phantom import paint_airways
+def peribronchial_thickening(ctx: PhantomContext, rng) -> dict:
 
     sides = ("left", "right") if rng.random() < 0.6 else (("left",), ("right",))[int(rng.integers(2))]
     cand = [b for b in ctx.geo["bronchi"] if b["side"] in sides]
@@ -340,19 +328,19 @@ def peribronchial_thickening(ctx: _Ctx, rng) -> dict:
     return {"locations": [(s, "") for s in sides]}
 
 
-def lung_nodule(ctx: _Ctx, rng) -> dict:
+def lung_nodule(ctx: PhantomContext, rng) -> dict:
     return _blobs(ctx, rng, "Lung nodule", n=int(rng.integers(1, 4)), radius=(6.0, 12.0), lobes=_ALL,
                   depth=(-1.0, 1e9), hu=40.0)
 
 
-def atelectasis(ctx: _Ctx, rng) -> dict:
+def atelectasis(ctx: PhantomContext, rng) -> dict:
     eff = ctx.present.get("Pleural effusion", False)
     lobes = _LOWER if (eff or rng.random() < 0.7) else _ALL
     return _blobs(ctx, rng, "Atelectasis", n=int(rng.integers(1, 3)), radius=(14.0, 24.0), lobes=lobes,
                   depth=(0.0, 5.0), hu=30.0, same_lobe=True, aniso=(1.0, 0.45, 1.0))
 
 
-def pleural_effusion(ctx: _Ctx, rng) -> dict:
+def pleural_effusion(ctx: PhantomContext, rng) -> dict:
     cv = ctx.canvas
     r = rng.random()
     sides = ("left", "right") if r < 0.45 else ("left",) if r < 0.7 else ("right",)

@@ -1,0 +1,250 @@
+"""Read CT volumes (NIfTI, NRRD/MHA/MHD; DICOM through :mod:`napari_ctvlp.io.dicom`) and label maps."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
+from napari_ctvlp.io._common import (
+    DICOM_SUFFIXES,
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    CTReadError,
+    as_3d,
+    axcodes,
+    hu_array,
+    is_dicom_file,
+    path_suffix,
+    read_error,
+    spacing_from_affine,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """Silence the ``nibabel.global`` logger (it prints header fixes to stderr) for a load."""
+    nib_logger = logging.getLogger("nibabel.global")
+    level = nib_logger.level
+    nib_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        nib_logger.setLevel(level)
+
+
+def _check_nifti_size(path: Path, img: Any) -> None:
+    """Fail early, with a clear message, when an uncompressed ``.nii`` is shorter than its header says.
+
+    (A truncated ``.nii.gz`` is detected by gzip while decompressing; its trailer cannot be
+    trusted as a size because multi-member gzip files are valid.)
+    """
+    if path_suffix(path) != ".nii":
+        return
+    hdr = img.header
+    need = int(hdr.get_data_offset()) + int(np.prod(img.shape, dtype=np.int64)) * hdr.get_data_dtype().itemsize
+    size = path.stat().st_size
+    if size < need:
+        raise read_error(path, f"file is truncated: header needs {need} bytes, file has {size}")
+
+
+def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
+    affine = np.asarray(affine, dtype=float)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise read_error(path, "has an invalid (non-finite) voxel-to-world affine")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-9 or min(spacing_from_affine(affine)) <= 0:
+        raise read_error(path, "has a singular voxel-to-world affine (zero voxel size)")
+    return affine
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+def _load_nifti(path: Path, what: str = "NIfTI") -> tuple[np.ndarray, np.ndarray, Any]:
+    """``(data in file order (i, j, k), affine, image)`` of a 3D NIfTI, or CTReadError."""
+    import nibabel as nib
+
+    try:
+        with _quiet_nibabel():  # nibabel prints header fixes to stderr
+            img = nib.load(str(path))
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise read_error(path, f"is not a NIfTI image ({type(img).__name__})")
+            shape = as_3d(img.shape, path)
+            affine = _check_affine(img.affine, path)
+            _check_nifti_size(path, img)
+            data = np.asanyarray(img.dataobj).reshape(shape)
+    except CTReadError:
+        raise
+    except Exception as exc:  # nibabel/gzip/zlib/numpy raise many types on corrupt files
+        raise read_error(path, f"cannot read {what} ({type(exc).__name__}: {exc})") from exc
+    return data, affine, img
+
+
+def _read_nifti(path: Path, progress: ProgressCallback | None) -> CTVolume:
+    report(progress, 0, 2, f"reading {path.name}")
+    data, affine, img = _load_nifti(path)
+    array = np.ascontiguousarray(hu_array(data, path).transpose(2, 1, 0))
+    hdr = img.header
+    meta = {
+        "path": str(path),
+        "format": "nifti",
+        "nifti_header": hdr.copy(),
+        "qform_code": int(hdr["qform_code"]),
+        "sform_code": int(hdr["sform_code"]),
+        "source_dtype": str(img.get_data_dtype()),
+    }
+    report(progress, 2, 2, f"read {path.name}")
+    return CTVolume(array, spacing_from_affine(affine), affine, axcodes(affine), meta)
+
+
+def _itk_affine(image: Any) -> np.ndarray:
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(image.GetSpacing(), dtype=float)[None, :]
+    lps[:3, 3] = image.GetOrigin()
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def _read_itk(path: Path, progress: ProgressCallback | None) -> CTVolume:
+    import SimpleITK as sitk
+
+    report(progress, 0, 2, f"reading {path.name}")
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size = tuple(reader.GetSize())
+        if reader.GetNumberOfComponents() != 1:
+            raise read_error(path, f"has {reader.GetNumberOfComponents()} components per voxel; need a scalar image")
+        as_3d(size, path)
+        image = reader.Execute()
+        if image.GetDimension() != 3:
+            raise read_error(path, f"is a {image.GetDimension()}D image; need a 3D volume")
+        affine = _check_affine(_itk_affine(image), path)
+        data = sitk.GetArrayFromImage(image)  # already (k, j, i)
+    except CTReadError:
+        raise
+    except Exception as exc:
+        raise read_error(path, f"cannot read image ({type(exc).__name__}: {exc})") from exc
+    array = np.ascontiguousarray(hu_array(data, path))
+    meta = {"path": str(path), "format": "itk", "source_dtype": str(data.dtype)}
+    report(progress, 2, 2, f"read {path.name}")
+    return CTVolume(array, spacing_from_affine(affine), affine, axcodes(affine), meta)
+
+
+def read_ct(path: str | os.PathLike[str], *, progress: ProgressCallback | None = None) -> CTVolume:
+    """Read a CT volume in Hounsfield units with its exact geometry.
+
+    Args:
+        path: a ``.nii``/``.nii.gz`` file, a DICOM series folder, one DICOM file (its whole
+            series in the same folder is read), or a ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` file.
+        progress: optional ``progress(done, total, message)`` callback.
+
+    Returns:
+        A :class:`CTVolume`: ``array`` in display order ``(k, j, i)``, ``int16`` when the values
+        are integers that fit, else ``float32``; ``meta`` has ``path``, ``format``
+        (``"nifti"``, ``"dicom"`` or ``"itk"``) and, for DICOM, ``files`` (sorted slice files),
+        ``SeriesInstanceUID``, ``StudyInstanceUID``, ``Modality`` and more.
+
+    Raises:
+        CTReadError: (a ``ValueError``) missing path, unsupported type, corrupt file, 2D or 4D
+            image, folder without DICOM files or with several series.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise read_error(p, "no such file or folder")
+    if p.is_dir():
+        from napari_ctvlp.io.dicom import read_dicom_series
+
+        return read_dicom_series(p, progress=progress)
+    suffix = path_suffix(p)
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(p, progress)
+    if suffix in ITK_SUFFIXES:
+        return _read_itk(p, progress)
+    if suffix in DICOM_SUFFIXES or is_dicom_file(p):
+        from napari_ctvlp.io.dicom import read_dicom_series
+
+        return read_dicom_series(p, progress=progress)
+    raise read_error(
+        p,
+        f"unsupported file type {suffix or '(no extension)'!r}; expected .nii, .nii.gz, "
+        ".nrrd, .mha, .mhd, a DICOM file or a DICOM series folder",
+    )
+
+
+def _reorient_to(data_xyz: np.ndarray, affine: np.ndarray, like: CTVolume) -> tuple[np.ndarray, np.ndarray]:
+    """Permute/flip the voxel axes of ``data_xyz`` so that they run like ``like``'s axes."""
+    from nibabel import orientations as ornt
+
+    src = ornt.io_orientation(affine)
+    dst = ornt.io_orientation(np.asarray(like.affine, dtype=float))
+    transform = ornt.ornt_transform(src, dst)
+    out = ornt.apply_orientation(data_xyz, transform)
+    new_affine = affine @ ornt.inv_ornt_aff(transform, data_xyz.shape)
+    return out, new_affine
+
+
+def read_labels(
+    path: str | os.PathLike[str],
+    *,
+    like: CTVolume | None = None,
+    reorient: bool = False,
+    atol_mm: float = 1e-3,
+) -> np.ndarray:
+    """Read an integer label map (NIfTI, NRRD/MHA) in display order ``(k, j, i)``.
+
+    Args:
+        path: the label file.
+        like: the volume the labels belong to; its grid must match (same shape, affine equal
+            within ``atol_mm``) or ``ValueError`` is raised.
+        reorient: with ``like``, first permute/flip the label axes to ``like``'s orientation
+            (e.g. TotalSegmentator output of a DICOM series, whose row axis is flipped).
+        atol_mm: tolerance for comparing affines (float32 storage rounds DICOM geometry).
+
+    Returns:
+        The labels, unsigned integer type (as stored when it was integer).
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise read_error(p, "no such label file")
+    if reorient and like is None:
+        raise ValueError("read_labels: reorient=True needs like=<CTVolume>")
+    suffix = path_suffix(p)
+    if suffix in NIFTI_SUFFIXES:
+        data, affine, _ = _load_nifti(p, "NIfTI label map")
+    elif suffix in ITK_SUFFIXES:
+        vol = _read_itk(p, None)
+        affine, data = vol.affine, vol.array.transpose(2, 1, 0)
+    else:
+        raise read_error(p, f"unsupported label file type {suffix!r}; expected .nii, .nii.gz, .nrrd, .mha")
+    if data.dtype.kind == "f":
+        if not np.array_equal(data, np.round(data)):
+            raise read_error(p, "is not a label map (non-integer values)")
+    if data.size and data.min() < 0:
+        raise read_error(p, "is not a label map (negative values)")
+    top = int(data.max()) if data.size else 0
+    data = data.astype(np.uint8 if top < 256 else np.uint16 if top < 65536 else np.uint32, copy=False)
+    if like is not None:
+        if reorient:
+            data, affine = _reorient_to(data, affine, like)
+        like_shape_xyz = tuple(like.shape[::-1])
+        if data.shape != like_shape_xyz:
+            raise read_error(p, f"label grid {data.shape[::-1]} (display order) does not match volume shape {like.shape}")
+        diff = float(np.max(np.abs(affine - np.asarray(like.affine, dtype=float))))
+        if diff > atol_mm:
+            raise read_error(
+                p,
+                f"label affine differs from the volume's by {diff:.4g} mm "
+                f"(labels {axcodes(affine)}, volume {axcodes(like.affine)}); "
+                "pass reorient=True if only the axis order/direction differs",
+            )
+    return np.ascontiguousarray(data.transpose(2, 1, 0))
