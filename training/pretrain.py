@@ -79,7 +79,9 @@ class TrainStep(nn.Module):
         text = pooled.embeddings.new_zeros((b, a, e)).to(flat.dtype)
         has = index >= 0
         text = text.index_put((has.nonzero(as_tuple=True)), flat[index[has]])
-        out = {"image_emb": pooled.embeddings, "text_emb": text, "present": present}
+        # the temperature is read inside forward so DDP sees logit_scale used by this step's graph
+        out = {"image_emb": pooled.embeddings, "text_emb": text, "present": present,
+               "logit_scale": m.logit_scale.exp().clamp(max=100.0)}
         if self.mosmos:
             out["image_global"] = F.normalize(m.token_embeddings(tokens).mean(dim=1), dim=-1)
             out["report_emb"] = m.encode_text_tokens(batch["report_input_ids"], batch["report_attention_mask"])
@@ -180,7 +182,9 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
     if dist.distributed:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=not mosmos,
+            # some parameters may get no gradient in a step (the tag decoder without MOSMOS, an
+            # anatomy absent from every sample of the batch): DDP must look for them each step
+            find_unused_parameters=True,
         )
     cagcl = CAGCLLoss(use_global=bool(lp["use_global"]), global_weight=float(lp["global_weight"]),
                       num_groups=lp.get("num_groups"), seed=seed, learn_temperature=False)
@@ -302,8 +306,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = step_module(batch)
-            scale = model.logit_scale.exp().clamp(max=100.0)
             f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
+            scale = f32["logit_scale"]
             parts = cagcl(f32["image_emb"], f32["text_emb"], f32["present"], logit_scale=scale,
                           rank=dist.rank, world_size=dist.world_size)
             loss = parts.total

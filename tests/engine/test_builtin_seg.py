@@ -220,7 +220,8 @@ def test_init_from_ctvlp_copies_encoder() -> None:
     info = init_from_ctvlp(seg, ctvlp)
     assert info["copied"] > 0 and not info["skipped"] and info["tag_embeddings"]
     assert torch.equal(seg.vit.pos_embed, ctvlp.vit.pos_embed)
-    assert torch.equal(seg.tag_decoder.map_q.weight, ctvlp.tag_decoder.map_q.weight)
+    last = f"decoder.layers.{len(seg.tag_decoder.decoder.layers) - 1}.multihead_attn.in_proj_weight"  # the maps
+    assert torch.equal(seg.tag_decoder.get_parameter(last), ctvlp.tag_decoder.get_parameter(last))
     with torch.no_grad():
         expected = ctvlp.encode_text([c.phrase for c in SEG_CLASSES])
     assert torch.allclose(seg.tag_embeddings, expected)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from napari_ctvlp.engine.anatomy import ANATOMY_NAMES
 from napari_ctvlp.engine.checkpoint import (
+    RETIRED_TENSOR_PREFIXES,
     CheckpointError,
     default_checkpoint_path,
     load_checkpoint,
@@ -193,6 +194,30 @@ def test_tampered_tensor_names_tensor(ckpt_copy: Path) -> None:
     save_file(tensors, str(weights))
     with pytest.raises(CheckpointError, match=r"missing tensor 'anatomy_pooling\.queries'.*unexpected tensor 'extra\.weight'"):
         load_checkpoint(ckpt_copy)
+
+
+def test_retired_map_projections_are_dropped_on_load(ckpt_copy: Path, tiny_ckpt: tuple[CTVLP, Path]) -> None:
+    """Checkpoints from before the maps became the decoder's cross-attention still load."""
+    weights = ckpt_copy / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["tag_decoder.map_q.weight"] = torch.zeros(32, 32)
+    tensors["tag_decoder.map_k.bias"] = torch.zeros(32)
+    save_file(tensors, str(weights))
+    loaded = load_checkpoint(ckpt_copy)
+    assert "tag_decoder.map_q.weight" not in loaded.model.state_dict()
+    for a, b in zip(_outputs(loaded.model), _outputs(load_checkpoint(tiny_ckpt[1]).model)):
+        torch.testing.assert_close(a, b)
+    tensors["tag_decoder.other.weight"] = torch.zeros(2)  # only the retired names are forgiven
+    save_file(tensors, str(weights))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'tag_decoder\.other\.weight'"):
+        load_checkpoint(ckpt_copy)
+
+
+def test_shipped_demo_checkpoint_has_no_untrained_map_projection() -> None:
+    path = default_checkpoint_path()
+    assert path is not None
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith(RETIRED_TENSOR_PREFIXES)]
 
 
 @pytest.mark.parametrize(

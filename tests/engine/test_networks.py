@@ -107,11 +107,13 @@ def test_every_attention_uses_sdpa(model: CTVLP) -> None:
         assert _sdpa_calls(lambda: model.pool_anatomies(tokens, masks)) == 1  # all anatomies at once
         tags = model.encode_text(["a", "b"])
         # each decoder layer: self-attention + cross-attention; in inference torch may take
-        # nn.MultiheadAttention's fused fast path for the self-attention
+        # nn.MultiheadAttention's fused fast path for the self-attention. The last layer's
+        # cross-attention returns its weights (the pixel-tag maps), so it is computed explicitly.
         fused = ("aten::scaled_dot_product_attention", "aten::_native_multi_head_attention")
-        assert _sdpa_calls(lambda: model.decode_tags(tokens, tags), fused) == 2 * model.config.tag_decoder_layers
+        n_sdpa = 2 * model.config.tag_decoder_layers - 1
+        assert _sdpa_calls(lambda: model.decode_tags(tokens, tags), fused) == n_sdpa
     tags = tags.detach().requires_grad_()
-    assert _sdpa_calls(lambda: model.decode_tags(tokens, tags)) == 2 * model.config.tag_decoder_layers
+    assert _sdpa_calls(lambda: model.decode_tags(tokens, tags)) == n_sdpa
 
 
 # ---------------------------------------------------------------------- anatomy pooling
@@ -250,6 +252,33 @@ def test_tag_decoder_argument_checks() -> None:
     assert dec(torch.randn(1, 5, 16), torch.randn(2, 8)).maps.shape == (1, 2, 5)
     with pytest.raises(ValueError, match="tokens"):
         dec(torch.randn(1, 5, 15), torch.randn(2, 8))
+
+
+def test_tag_maps_are_the_decoders_cross_attention_and_trained_by_recognition() -> None:
+    """MOSMOS eqs. 8/12: the maps are the cross-attention weights, so a loss on the logits alone
+    reaches every tag-decoder parameter (no separate map projection that never trains)."""
+    torch.manual_seed(0)
+    dec = TagDecoder(16, 8, num_heads=2, mlp_dim=32, context_length=2, num_layers=2).train()
+    tokens, tags = torch.randn(2, 7, 16), torch.randn(3, 8)
+    out = dec(tokens, tags)
+    assert out.maps.shape == (2, 3, 7)
+    torch.testing.assert_close(out.maps.sum(-1), torch.ones(2, 3))
+    # the same weights, recomputed from the last layer's own attention module
+    last = dec.decoder.layers[-1]
+    x = torch.cat([dec.context.expand(2, -1, -1), dec.tag_proj(tags).expand(2, -1, -1)], 1)
+    x = dec.decoder.layers[0](x, dec.memory_norm(tokens))
+    h = last.norm2(x + last.self_attn(last.norm1(x), last.norm1(x), last.norm1(x))[0])
+    _, ref = last.multihead_attn(h, dec.memory_norm(tokens), dec.memory_norm(tokens))
+    torch.testing.assert_close(out.maps, ref[:, 2:])
+    out.logits.sigmoid().sum().backward()
+    without = [n for n, p in dec.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert without == []
+    # changing the maps' projections changes the logits: the maps are on the logits' path
+    before = dec(tokens, tags)
+    with torch.no_grad():
+        last.multihead_attn.in_proj_weight[:16].mul_(3.0)  # the query projection
+    after = dec(tokens, tags)
+    assert not torch.allclose(before.maps, after.maps) and not torch.allclose(before.logits, after.logits)
 
 
 # ---------------------------------------------------------------------- whole model

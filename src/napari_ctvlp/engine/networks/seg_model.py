@@ -16,12 +16,13 @@ Design (our choice, see ``MODEL_CARD.md`` of the shipped weights):
   ``UnetResBlock``, ``UnetOutBlock``) and generalised to anisotropic power-of-two patches
   (e.g. ``(8, 16, 16)``): one up-sampling stage per factor of two of the largest patch side;
   skip connections come from evenly spaced ViT blocks (UNETR: blocks 3, 6, 9 of 12);
-* PTA: the tag decoder (:class:`~.tag_decoder.TagDecoder`) decodes ``K`` tag embeddings (one per
-  output class, initialised from the CTVLP text encoder on the class phrases, then learnt; no
-  text encoder is needed at inference) against the final ViT tokens; the maps ``[B, K, N]``
-  become logits ``log(N * map)`` on the token grid, are concatenated to the bottleneck tokens and,
-  up-sampled trilinearly, to the last decoder features; the same up-sampled logits are the PTA
-  logits of the loss.
+* PTA (MOSMOS eq. 13): the tag decoder (:class:`~.tag_decoder.TagDecoder`) decodes ``K`` tag
+  embeddings -- one per output class, the *frozen* text-encoder embeddings of the class phrases
+  (a non-trainable buffer, set by :func:`init_from_ctvlp`; no text encoder is needed at inference)
+  -- against the final ViT tokens. Its cross-attention maps ``[B, K, N]``, each scaled to a
+  maximum of 1, divided by a learnable temperature ``eps`` (initial 0.07), are the PTA logits on
+  the token grid; up-sampled trilinearly they are concatenated *once*, to the last decoder
+  features before the output head, and supervised by the PTA loss.
 
 Output classes (:data:`SEG_CLASSES`) group :data:`~napari_ctvlp.engine.anatomy.ORGAN_LABELS`
 (lung lobes -> left / right lung) and map back to organ label values with
@@ -239,8 +240,8 @@ class SegOutput:
 
     Attributes:
         logits: ``[B, K, D, H, W]`` segmentation logits.
-        pta_logits: ``[B, K, D, H, W]`` up-sampled pixel-tag logits ``log(N * map)``, or None
-            when the model has no PTA branch.
+        pta_logits: ``[B, K, D, H, W]`` up-sampled pixel-tag logits ``(map / max map) / eps``, or
+            None when the model has no PTA branch.
         tag_maps: ``[B, K, N]`` raw pixel-tag attention (softmax over tokens), or None.
     """
 
@@ -293,7 +294,11 @@ class BuiltinSegNet(nn.Module):
             self.tag_decoder = TagDecoder(c.hidden_size, c.tag_embed_dim, num_layers=c.tag_decoder_layers,
                                           num_heads=c.num_heads, mlp_dim=c.mlp_dim,
                                           context_length=c.tag_context_length)
-            self.tag_embeddings = nn.Parameter(torch.randn(c.num_classes, c.tag_embed_dim) * 0.02)
+            # frozen tag queries (MOSMOS: text-encoder embeddings of the class tags); a random fixed
+            # direction per class until init_from_ctvlp copies the text encoder's embeddings in
+            emb = torch.randn(c.num_classes, c.tag_embed_dim, generator=torch.Generator().manual_seed(0))
+            self.register_buffer("tag_embeddings", F.normalize(emb, dim=-1))
+            self.log_eps = nn.Parameter(torch.tensor(math.log(0.07)))
         low = 1 if c.output_stride == 2 else 0  # resolution level of the output
         kernels = [c.stage_kernel(st) for st in range(1, s + 1)]  # kernels[st-1]: level st -> st-1
         # image skip at level `low` (strided for output_stride 2), ViT skips at levels low+1..S-1
@@ -304,7 +309,7 @@ class BuiltinSegNet(nn.Module):
         )
         ups = []
         for st in range(s, low, -1):  # decoder stage st: level st -> st-1
-            in_ch = c.hidden_size + k_pta if st == s else f * 2**st
+            in_ch = c.hidden_size if st == s else f * 2**st
             ups.append(UnetrUpBlock(3, in_ch, f * 2 ** (st - 1), kernel_size=3,
                                     upsample_kernel_size=kernels[st - 1], norm_name=_NORM, res_block=True))
         self.ups = nn.ModuleList(ups)
@@ -338,9 +343,8 @@ class BuiltinSegNet(nn.Module):
         maps = pta_grid = pta_full = None
         if self.config.use_pta:
             maps = self.tag_decoder(tokens, self.tag_embeddings).maps  # [B, K, N]
-            n = maps.shape[-1]
-            pta_grid = torch.log(maps * n + 1e-6).reshape(maps.shape[0], maps.shape[1], *self.config.token_grid)
-            bottleneck = torch.cat([bottleneck, pta_grid], dim=1)
+            scaled = maps / maps.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+            pta_grid = (scaled / self.log_eps.exp()).reshape(maps.shape[0], maps.shape[1], *self.config.token_grid)
         skips = [self.enc0(image)] + [up(self._grid(h)) for up, h in zip(self.skips, hidden)]
         x = bottleneck
         for up, skip in zip(self.ups, reversed(skips)):

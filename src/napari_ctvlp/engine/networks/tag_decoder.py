@@ -3,10 +3,13 @@
 MOSMOS (Tian et al., "MOSMOS: Multi-organ segmentation facilitated by medical report
 supervision") decodes a vocabulary of report tags (organ and finding words) against the visual
 tokens: each tag's text embedding, with a shared learnable prompt context, becomes a query of a
-transformer decoder over the ViT tokens. The decoded queries give (a) pixel-tag attention maps,
-softmax over tokens of ``q . k / sqrt(d)``, and (b) multi-label recognition logits. The decoder's
-attention runs through ``nn.MultiheadAttention``, which uses
-:func:`torch.nn.functional.scaled_dot_product_attention`.
+transformer decoder over the ViT tokens. The decoded queries give (a) multi-label recognition
+logits and (b) pixel-tag attention maps, which are the decoder's own cross-attention weights
+(MOSMOS eqs. 8 and 12: the last decoder layer's query-to-token attention, averaged over heads).
+Because the logits are computed *through* those weights, the recognition loss trains the maps;
+there is no separate, untrained map projection. The earlier layers run through
+``nn.MultiheadAttention``'s fused path (:func:`torch.nn.functional.scaled_dot_product_attention`);
+the last layer's cross-attention asks for its weights.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ class TagOutput:
     """Output of :class:`TagDecoder` / ``CTVLP.decode_tags``.
 
     Attributes:
-        maps: ``[B, T, N]`` pixel-tag attention (softmax over the N tokens).
+        maps: ``[B, T, N]`` pixel-tag attention: the last decoder layer's cross-attention of each
+            tag query over the N tokens (mean over heads; every row sums to 1).
         logits: ``[B, T]`` multi-label recognition logits (sigmoid -> probability).
     """
 
@@ -75,9 +79,20 @@ class TagDecoder(nn.Module):
             activation="gelu", batch_first=True, norm_first=True,
         )
         self.decoder = nn.TransformerDecoder(layer, num_layers, norm=nn.LayerNorm(hidden_size))
-        self.map_q = nn.Linear(hidden_size, hidden_size)
-        self.map_k = nn.Linear(hidden_size, hidden_size)
         self.cls_head = nn.Linear(hidden_size, 1)
+
+    @staticmethod
+    def _last_layer(layer: nn.TransformerDecoderLayer, x: Tensor, memory: Tensor) -> tuple[Tensor, Tensor]:
+        """One pre-norm decoder layer (as ``nn.TransformerDecoderLayer`` with ``norm_first=True``)
+        that also returns its cross-attention weights ``[B, Q, N]`` (mean over heads)."""
+        h = layer.norm1(x)
+        x = x + layer.dropout1(layer.self_attn(h, h, h, need_weights=False)[0])
+        h = layer.norm2(x)
+        out, weights = layer.multihead_attn(h, memory, memory, need_weights=True, average_attn_weights=True)
+        x = x + layer.dropout2(out)
+        h = layer.norm3(x)
+        x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(h)))))
+        return x, weights
 
     def forward(self, tokens: Tensor, tag_embeddings: Tensor) -> TagOutput:
         """Visual tokens ``[B, N, C]`` and tag embeddings ``[T, E]`` -> :class:`TagOutput`."""
@@ -90,9 +105,11 @@ class TagDecoder(nn.Module):
         queries = self.tag_proj(tag_embeddings.to(tokens.dtype)).unsqueeze(0).expand(b, t, -1)
         context = self.context.unsqueeze(0).expand(b, -1, -1)
         memory = self.memory_norm(tokens)
-        decoded = self.decoder(torch.cat([context, queries], dim=1), memory)[:, self.context_length:]
-        q = self.map_q(decoded)
-        k = self.map_k(memory)
-        maps = ((q @ k.transpose(1, 2)) * self.hidden_size**-0.5).softmax(-1)
+        x = torch.cat([context, queries], dim=1)
+        *first, last = self.decoder.layers
+        for layer in first:
+            x = layer(x, memory)
+        x, weights = self._last_layer(last, x, memory)
+        decoded = self.decoder.norm(x)[:, self.context_length:]
         logits = self.cls_head(decoded).squeeze(-1)
-        return TagOutput(maps=maps, logits=logits)
+        return TagOutput(maps=weights[:, self.context_length:], logits=logits)

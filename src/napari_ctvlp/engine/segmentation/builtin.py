@@ -189,7 +189,7 @@ def load_seg_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedSegMo
     import torch
     from safetensors.torch import load_file
 
-    from ..checkpoint import PICKLE_SUFFIXES, sniff_unsafe
+    from ..checkpoint import PICKLE_SUFFIXES, RETIRED_TENSOR_PREFIXES, sniff_unsafe
     from ..networks.seg_model import SEG_CLASSES, BuiltinSegNet, SegModelConfig
 
     p = Path(path).expanduser()
@@ -223,6 +223,7 @@ def load_seg_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedSegMo
         tensors = load_file(str(p / WEIGHTS_NAME), device="cpu")
     except Exception as exc:  # safetensors raises its own types for corrupt files
         raise ValueError(f"{p / WEIGHTS_NAME} is not a readable safetensors file: {exc}") from exc
+    tensors = {k: v for k, v in tensors.items() if k in expected or not k.startswith(RETIRED_TENSOR_PREFIXES)}
     bad = [f"missing {k!r}" for k in expected if k not in tensors]
     bad += [f"unexpected {k!r}" for k in tensors if k not in expected]
     bad += [f"{k!r} shape {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
