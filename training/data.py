@@ -11,7 +11,8 @@ Each item is a dict:
   training they are augmented (shuffle + random non-empty subset, :mod:`training.text_aug`);
 * ``report``: the whole report (findings + impression), for the MOSMOS image-report loss;
 * ``labels``: ``int64 [18]`` CT-RATE labels (``-1`` unknown);
-* ``tag_targets``: ``float32 [T]`` MOSMOS tag targets (if the dataset was given ``tags``).
+* ``tag_targets``: ``float32 [T]`` MOSMOS tag targets from the report text (if the dataset was given
+  ``tags``); never from ``labels``.
 
 Text augmentation is deterministic in ``(seed, epoch, index)`` (call :meth:`CachedCTDataset.set_epoch`),
 so a resumed run sees exactly the texts an uninterrupted run would.
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMY_BY_NAME
+from napari_ctvlp.engine.anatomy import ANATOMY_BY_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +45,16 @@ def load_manifest(cache_dir: str | Path, split: str) -> dict[str, Any]:
     return manifest
 
 
-def tag_targets(tags: Sequence[str], *, labels: Sequence[int], sentences: dict[str, Sequence[str]],
-                report: str) -> np.ndarray:
-    """MOSMOS tag targets: 1 for tags the report mentions as present, 0 otherwise (weak negatives).
+def tag_targets(tags: Sequence[str], *, sentences: dict[str, Sequence[str]], report: str) -> np.ndarray:
+    """MOSMOS tag targets from the report text: 1 for tags the report affirms, 0 otherwise.
 
-    Abnormality terms use the CT-RATE labels, anatomy phrases whether the report says something
-    about that anatomy, any other tag a case-insensitive mention in the report.
+    Finding terms are affirmed by a non-negated mention, anatomy phrases by any sentence about the
+    anatomy (:func:`training.report_tags.report_tag_targets`). The CT-RATE labels are never used:
+    they are what zero-shot evaluation scores.
     """
-    term_to_label = {a.term.lower(): i for i, a in enumerate(ABNORMALITIES)}
-    phrase_to_anatomy = {a.phrase.lower(): name for name, a in ANATOMY_BY_NAME.items()}
-    text = report.lower()
-    out = np.zeros(len(tags), dtype=np.float32)
-    for t, tag in enumerate(tags):
-        key = tag.lower()
-        if key in term_to_label:
-            out[t] = float(labels[term_to_label[key]] == 1)
-        elif key in phrase_to_anatomy:
-            out[t] = float(bool(sentences.get(phrase_to_anatomy[key])))
-        else:
-            out[t] = float(key in text)
-    return out
+    from training.report_tags import report_tag_targets
+
+    return report_tag_targets(tags, report=report, sentences=sentences)
 
 
 def token_masks(masks: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
@@ -179,7 +170,7 @@ class CachedCTDataset:
         if self.tags is not None:
             sentences = {a: entry["sentences"].get(a, ()) for a in self.anatomies}
             item["tag_targets"] = torch.from_numpy(
-                tag_targets(self.tags, labels=labels.tolist(), sentences=sentences, report=report)
+                tag_targets(self.tags, sentences=sentences, report=report)
             )
         return item
 

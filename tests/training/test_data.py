@@ -143,12 +143,29 @@ def test_dataset_items_and_collate(cache: Path) -> None:
     assert batch["report_input_ids"].shape[0] == 3
 
 
-def test_tag_targets_use_labels_anatomy_mentions_and_text() -> None:
-    labels = [0] * 18
-    labels[ABNORMALITY_NAMES.index("Pleural effusion")] = 1
-    out = tag_targets(("pleural effusion", "emphysema", "lungs", "heart", "stent"), labels=labels,
-                      sentences={"lung": ("Left pleural effusion.",), "heart": ()}, report="A stent is seen.")
-    assert out.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+def test_tag_targets_come_from_the_report_text_with_negation() -> None:
+    report = ("Left pleural effusion. No emphysema. A stent is seen. Pericardial effusion was not observed. "
+              "Coronary arteries show no calcified plaques. Calcified atheroma plaques in the LAD.")
+    tags = ("pleural effusion", "emphysema", "lungs", "heart", "stent", "pericardial effusion",
+            "coronary artery wall calcification")
+    out = tag_targets(tags, sentences={"lung": ("Left pleural effusion.", "No emphysema."), "heart": ()}, report=report)
+    assert out.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+
+
+def test_item_tag_targets_ignore_the_label_file(cache: Path, tmp_path: Path) -> None:
+    """Flipping every label of the cache changes no tag target: training never sees the labels."""
+    from napari_ctvlp.engine.networks.config import DEFAULT_TAGS
+
+    cache = Path(shutil.copytree(cache, tmp_path / "cache"))
+    before = CachedCTDataset(cache, augment_text=False, tags=DEFAULT_TAGS)[0]["tag_targets"].clone()
+    manifest = cache / "train" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    for e in doc["entries"]:
+        e["labels"] = [1 - v if v in (0, 1) else v for v in e["labels"]]
+    manifest.write_text(json.dumps(doc))
+    after = CachedCTDataset(cache, augment_text=False, tags=DEFAULT_TAGS)[0]
+    assert after["labels"].tolist() == doc["entries"][0]["labels"]  # the flipped labels were read
+    assert bool((after["tag_targets"] == before).all()) and before.sum() > 0
 
 
 @pytest.mark.realdata
