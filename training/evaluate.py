@@ -210,13 +210,43 @@ def _plots(out: Path, sims: np.ndarray, data: dict[str, Any], *, seed: int) -> N
     plt.close(fig)
 
 
+def supervision_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """Which evaluation labels, if any, the checkpoint saw in training (from its training record).
+
+    ``label_file_used``: the CT-RATE label CSV was a training target (True for checkpoints trained
+    before tag targets came from the report text: their MOSMOS tags for the 18 finding terms were the
+    labels themselves); ``finding_tags_from_report_text``: finding terms decoded as MOSMOS tags with
+    targets from the report text (weak supervision, as in MOSMOS); ``None``: unknown (no record).
+    """
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, dict) or "params" not in training:
+        return {"label_file_used": None, "tag_targets": None, "finding_tags_from_report_text": None,
+                "note": "the checkpoint has no training record"}
+    if isinstance(training.get("supervision"), dict):
+        return dict(training["supervision"])
+    mosmos = bool(training["params"].get("loss", {}).get("mosmos"))
+    tags = training["params"].get("model", {}).get("tags") or []
+    from training.report_tags import FINDING_TERMS
+
+    seen = [t for t in (tags or FINDING_TERMS) if t.lower() in FINDING_TERMS] if mosmos else []
+    return {"label_file_used": bool(seen), "tag_targets": "label_file" if seen else None,
+            "finding_tags_from_report_text": [], "labels_seen": seen,
+            "note": "trained before tag targets came from the report text: the MOSMOS tag targets of these "
+                    "finding terms were the evaluation labels, so their AUCs are not zero-shot"}
+
+
 def _fmt(v: float) -> str:
     return "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def markdown_report(metrics: dict[str, Any]) -> str:
     """Markdown tables of :func:`evaluate`'s ``metrics`` dict."""
+    sup = metrics.get("supervision", {})
     lines = [f"# Zero-shot evaluation: {metrics['checkpoint']}", "",
+             f"Supervision in training: label file used: **{sup.get('label_file_used')}**; tag targets: "
+             f"{sup.get('tag_targets')}; finding terms weakly supervised from report text: "
+             f"{', '.join(sup.get('finding_tags_from_report_text') or []) or 'none'}"
+             + (f". {sup['note']}." if sup.get("note") else "."), "",
              f"Data: `{metrics['data']}` split `{metrics['split']}`, {metrics['n_volumes']} volumes; "
              f"score = mean probability over {len(metrics['templates'])} prompt templates.", "",
              "| abnormality | n+ / n | " + " | ".join(METRIC_KEYS) + " |",
@@ -303,6 +333,7 @@ def evaluate(
     sims = inter_anatomy_similarities(enc["text_emb"], owner, seed=seed)
     metrics = {
         "checkpoint": str(loaded.path), "data": str(data), "split": split, "n_volumes": int(len(labels)),
+        "supervision": supervision_of(loaded.meta),
         "abnormalities": list(names),
         "anatomy_of": {n: ABNORMALITY_BY_NAME[n].anatomy for n in names},
         "templates": [list(t) for t in PROMPT_TEMPLATES],
@@ -359,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean AUC {result.mean_auc:.4f} | over templates {result.template_auc_mean:.4f} +- "
           f"{result.template_auc_std:.4f} | inter-anatomy text cosine {result.inter_anatomy_text_cosine:.4f} "
           f"-> {result.out_dir}")
+    sup = result.metrics["supervision"]
+    print(f"labels seen in training: label file {sup.get('label_file_used')}; tag targets {sup.get('tag_targets')}; "
+          f"finding tags from report text: {len(sup.get('finding_tags_from_report_text') or [])}")
     return 0
 
 

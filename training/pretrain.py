@@ -111,6 +111,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def supervision_record(tags: tuple[str, ...], *, mosmos: bool) -> dict[str, Any]:
+    """What the run learnt from besides image-text pairs, stored in every checkpoint.
+
+    The label CSV is never read for training; with MOSMOS on, tag targets come from the report
+    text, and the finding terms among the tags get that weak (report-derived) supervision.
+    """
+    from training.report_tags import FINDING_TERMS
+
+    finding_tags = [t for t in tags if t.lower() in FINDING_TERMS] if mosmos else []
+    return {"label_file_used": False, "tag_targets": "report_text" if mosmos else None,
+            "finding_tags_from_report_text": finding_tags}
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -254,7 +267,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
 
     old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if threading_main() else None
     preprocessing = cache_pre
-    training_record = {"params": params.to_dict(), "data": str(dp["cache"]), "world_size": dist.world_size}
+    training_record = {"params": params.to_dict(), "data": str(dp["cache"]), "world_size": dist.world_size,
+                       "supervision": supervision_record(config.tags, mosmos=mosmos)}
 
     def _save(tag: str, *, final: bool = False) -> Path:
         target = run_dir / ("final" if final else f"checkpoints/{tag}")

@@ -70,6 +70,10 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
     assert -1.0 <= geo["inter_anatomy_text_cosine_mean"] <= 1.0 and geo["n_pairs"] > 0
     assert "| **mean** |" in (out / "metrics.md").read_text()
     assert len((out / "scores.csv").read_text().splitlines()) == 6
+    sup = metrics["supervision"]  # what the model saw in training, from its checkpoint
+    assert sup["label_file_used"] is False and sup["tag_targets"] == "report_text"
+    assert "pleural effusion" in sup["finding_tags_from_report_text"]
+    assert "Supervision in training: label file used: **False**" in (out / "metrics.md").read_text()
     # a dataset root instead of a cache: prepared on the fly with the checkpoint's grid
     result = ev.evaluate(ckpt, tmp_path / "data" / "phantoms", split="valid", out=tmp_path / "eval2")
     assert (tmp_path / "eval2" / "cache" / "valid" / "manifest.json").is_file()
@@ -77,6 +81,15 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
     assert result.mean_auc == pytest.approx(metrics["ensemble"]["mean"]["auc"], nan_ok=True, abs=1e-6)
     with pytest.raises(ValueError, match="neither"):
         ev.evaluate(ckpt, tmp_path / "nope", out=tmp_path / "eval3")
+
+
+def test_supervision_of_older_and_unknown_checkpoints() -> None:
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+
+    shipped = load_checkpoint(Path(__file__).resolve().parents[2] / "src/napari_ctvlp/models/ctvlp_phantom_demo")
+    sup = ev.supervision_of(shipped.meta)  # trained before tags came from the report text
+    assert sup["label_file_used"] is True and len(sup["labels_seen"]) == 18
+    assert ev.supervision_of({})["label_file_used"] is None
 
 
 def test_binary_metrics_agree_with_scikit_learn() -> None:
