@@ -175,8 +175,12 @@ class CachedCTDataset:
         return item
 
 
-def make_collate(tokenizer: Any, *, max_length: int = 64) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+def make_collate(tokenizer: Any, *, max_length: int = 256,
+                 report_max_length: int | None = None) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Collate function that stacks tensors and tokenizes the texts with the model's tokenizer.
+
+    Anatomy texts are cut at ``max_length`` tokens, whole reports at ``report_max_length`` (default
+    ``max_length``).
 
     The returned batch has, besides the stacked ``image`` ``[B, 1, D, H, W]``, ``anatomy_masks``
     ``[B, A, D, H, W]``, ``present`` ``[B, A]``, ``labels`` ``[B, 18]`` (and ``tag_targets``):
@@ -211,8 +215,8 @@ def make_collate(tokenizer: Any, *, max_length: int = 64) -> Callable[[list[dict
         else:
             batch["text_input_ids"] = torch.zeros((0, 1), dtype=torch.long)
             batch["text_attention_mask"] = torch.zeros((0, 1), dtype=torch.long)
-        tok = tokenizer([it["report"] for it in items], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        tok = tokenizer([it["report"] for it in items], padding=True, truncation=True,
+                        max_length=report_max_length or max_length, return_tensors="pt")
         batch["report_input_ids"], batch["report_attention_mask"] = tok["input_ids"], tok["attention_mask"]
         batch["texts"] = [it["texts"] for it in items]
         return batch

@@ -30,6 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "split": "train",
         "num_workers": 0,
         "augment_text": True,
+        "report_max_length": 512,  # token limit of whole reports (MOSMOS image-report loss)
     },
     "optim": {
         "lr": 1e-4,
@@ -41,6 +42,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "max_steps": None,  # stop after this many optimiser steps (budget); None = epochs
         "batch_size": 14,  # per process (GPU); the global batch is batch_size * world_size
         "grad_clip": 1.0,
+        # pretrained text-encoder layers train at their own, lower rate with their own warm-up:
+        # at the image rate, InfoNCE near chance flattens (collapses) the text space
+        "text_lr": 1e-5,
+        "text_warmup_steps": None,  # None: the same as warmup_steps
     },
     "loss": {
         "use_global": True,

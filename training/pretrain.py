@@ -101,14 +101,35 @@ def lr_lambda_factory(warmup: int, total: int, min_ratio: float):
     return fn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay for biases, norms, embeddings-like 1-D tensors and scalars."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, *, text_lr: float | None = None,
+                 lr: float | None = None) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay for biases, norms, embeddings-like 1-D tensors and scalars.
+
+    With ``text_lr`` (and ``lr``), the layers of a *pretrained* text backbone (``text.backbone.*``
+    of a model whose ``text.pretrained``) get their own two groups at ``text_lr``; the groups are
+    named (``"name"``: ``decay``, ``no_decay``, ``text_decay``, ``text_no_decay``).
+    """
+    pretrained_text = bool(getattr(getattr(model, "text", None), "pretrained", False)) and text_lr is not None
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "text_decay": [], "text_no_decay": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "pos_embed" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        kind = "no_decay" if p.ndim < 2 or "pos_embed" in name else "decay"
+        if pretrained_text and name.startswith("text.backbone."):
+            kind = "text_" + kind
+        groups[kind].append(p)
+    out = []
+    for name, params in groups.items():
+        if not params:
+            continue
+        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if "no_decay" in name else weight_decay,
+                                 "name": name}
+        if name.startswith("text_"):
+            group["lr"] = float(text_lr)  # type: ignore[arg-type]
+        elif lr is not None:
+            group["lr"] = float(lr)
+        out.append(group)
+    return out
 
 
 def supervision_record(tags: tuple[str, ...], *, mosmos: bool) -> dict[str, Any]:
@@ -222,12 +243,18 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
     total_steps = int(op["epochs"]) * steps_per_epoch
     if op.get("max_steps"):
         total_steps = min(total_steps, int(op["max_steps"]))
-    collate = make_collate(model.tokenizer, max_length=config.text_max_length)
+    collate = make_collate(model.tokenizer, max_length=config.text_max_length,
+                           report_max_length=int(dp.get("report_max_length") or config.text_max_length))
 
-    optimizer = torch.optim.AdamW(param_groups(model, float(op["weight_decay"])), lr=float(op["lr"]),
-                                  betas=tuple(op["betas"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda_factory(int(op["warmup_steps"]), total_steps, float(op["min_lr_ratio"])))
+    text_lr = op.get("text_lr")
+    groups = param_groups(model, float(op["weight_decay"]), text_lr=None if text_lr is None else float(text_lr),
+                          lr=float(op["lr"]))
+    optimizer = torch.optim.AdamW(groups, lr=float(op["lr"]), betas=tuple(op["betas"]))
+    warmup = int(op["warmup_steps"])
+    text_warmup = int(op["text_warmup_steps"]) if op.get("text_warmup_steps") is not None else warmup
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [
+        lr_lambda_factory(text_warmup if g["name"].startswith("text_") else warmup, total_steps,
+                          float(op["min_lr_ratio"])) for g in groups])
     generators = {"cagcl": cagcl.generator}
 
     step = 0
@@ -343,7 +370,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
             step += 1
             last_loss = float(loss.detach())
             if is_main:
-                logs.update({"loss/total": last_loss, "lr": scheduler.get_last_lr()[0], "logit_scale": float(scale.detach())})
+                logs.update({"loss/total": last_loss, "lr": scheduler.get_last_lr()[0], "logit_scale": float(scale.detach()),
+                             **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups if g["name"].startswith("text_")}})
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps({"step": step, **logs}) + "\n")
                 if writer is not None:

@@ -121,3 +121,21 @@ def test_ablation_switches_and_bad_parameters(cache: Path, tmp_path: Path) -> No
     assert load_params(None, overrides=["optim.lr=3e-4"]).optim["lr"] == pytest.approx(3e-4)
     assert pretrain.main(tiny_argv(cache, tmp_path, "nothing", "--resume")) == 2  # no checkpoint
     assert pretrain.main(tiny_argv(tmp_path / "missing", tmp_path, "nocache")) == 2
+
+
+def test_pretrained_text_layers_get_their_own_rate() -> None:
+    """Pretrained text layers train at optim.text_lr (collapse otherwise); new layers at optim.lr."""
+    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
+
+    model = CTVLP(CTVLPConfig.tiny(text_random_init=None))  # the real MiniLM, top layer trainable
+    groups = {g["name"]: g for g in pretrain.param_groups(model, 0.05, text_lr=1e-5, lr=3e-4)}
+    assert groups["text_decay"]["lr"] == 1e-5 and groups["decay"]["lr"] == 3e-4
+    text_ids = {id(p) for g in ("text_decay", "text_no_decay") for p in groups[g]["params"]}
+    backbone = {id(p) for n, p in model.named_parameters() if n.startswith("text.backbone.") and p.requires_grad}
+    assert text_ids == backbone and backbone
+    assert id(model.text.projection.weight) in {id(p) for p in groups["decay"]["params"]}  # new layer: full rate
+    assert groups["text_no_decay"]["weight_decay"] == 0.0 and groups["text_decay"]["weight_decay"] == 0.05
+    random_text = CTVLP(CTVLPConfig.tiny())  # a randomly initialised text backbone is not "pretrained"
+    assert {g["name"] for g in pretrain.param_groups(random_text, 0.05, text_lr=1e-5, lr=3e-4)} == {"decay", "no_decay"}
+    params = load_params(None, overrides=["optim.text_lr=2e-5"])
+    assert params.optim["text_lr"] == 2e-5 and params.optim["text_warmup_steps"] is None
