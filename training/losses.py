@@ -8,8 +8,9 @@ Conventions shared by the contrastive losses:
 * Embeddings are L2-normalised inside the loss (``normalize=True``) so callers may pass raw
   projections.
 * "Bidirectional InfoNCE" over ``N`` pairs ``(a_i, b_i)`` is
-  ``0.5 * (CE(s * A B^T, I) + CE(s * B A^T, I))`` with ``CE`` the mean cross-entropy over rows
-  and the matching pair as the target class (CLIP).
+  ``CE(s * A B^T, I) + CE(s * B A^T, I)`` with ``CE`` the mean cross-entropy over rows and the
+  matching pair as the target class: CA-GCL eqs. 1 and 4 *sum* the two directions. CLIP (and our
+  MOSMOS image-report term) averages them: ``clip_loss(..., sum_directions=False)``.
 * With ``world_size > 1`` and ``gather=True`` the per-rank batches are first all-gathered with
   gradient (:func:`training.distributed.gather_with_grad`); every rank then computes the loss of
   the whole global batch, which equals the single-process loss on the concatenated batch.
@@ -49,13 +50,18 @@ def _scale(logit_scale: float | torch.Tensor, ref: torch.Tensor) -> torch.Tensor
     return s.reshape(())
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tensor) -> torch.Tensor:
-    """Bidirectional InfoNCE between matched rows of ``a`` and ``b`` (``[N, E]``, normalised)."""
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: float | torch.Tensor, *,
+              sum_directions: bool = False) -> torch.Tensor:
+    """Bidirectional InfoNCE between matched rows of ``a`` and ``b`` (``[N, E]``, normalised).
+
+    The two directions are averaged (CLIP) or, with ``sum_directions``, summed (CA-GCL eqs. 1, 4).
+    """
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"clip_loss needs two [N, E] tensors of equal shape, got {tuple(a.shape)}, {tuple(b.shape)}")
     logits = _scale(logit_scale, a) * a @ b.T
     labels = torch.arange(a.shape[0], device=a.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    both = F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+    return both if sum_directions else 0.5 * both
 
 
 def _check_anatomy_inputs(image_emb: torch.Tensor, text_emb: torch.Tensor, present: torch.Tensor) -> None:
@@ -90,7 +96,7 @@ def _local_terms(v: torch.Tensor, t: torch.Tensor, present: torch.Tensor, scale)
         if idx.numel() < 2:
             terms.append(zero)  # < 2 samples: no negatives, no loss (and no NaN)
         else:
-            terms.append(clip_loss(v[idx, j], t[idx, j], scale))
+            terms.append(clip_loss(v[idx, j], t[idx, j], scale, sum_directions=True))
     return torch.stack(terms), counts
 
 
@@ -129,7 +135,7 @@ def local_contrastive_loss(
     ``L_loc = sum_j L_loc_j`` where, for anatomy ``j`` with ``S_j = {i : present[i, j]}``,
     ``L_loc_j`` is the bidirectional InfoNCE between ``image_emb[S_j, j]`` and
     ``text_emb[S_j, j]`` (image->text and text->image cross-entropies, each averaged over the
-    ``|S_j|`` samples, then averaged over the two directions). Other samples of the batch and
+    ``|S_j|`` samples, then summed over the two directions as in the paper). Other samples of the batch and
     other anatomies are not negatives. Anatomies with ``|S_j| < 2`` contribute exactly 0.
     The sum over anatomies (not the mean) follows the paper's ``sum_j L_loc_j + 0.1 L_glo``.
 
@@ -155,10 +161,11 @@ def global_group_indices(
     """Sample indices ``[K, A]`` composing ``K`` synthetic patients (CA-GCL eq. 2).
 
     For each anatomy ``j`` independently, the samples containing ``j`` are randomly permuted and
-    synthetic patient ``k`` takes the ``k``-th of them; when fewer than ``K`` samples contain
-    ``j``, further independent permutations are appended (so every present sample is used before
-    any repeats). ``-1`` marks an anatomy absent from the whole batch. The permutations are drawn
-    on the CPU from ``generator``, so ranks seeded alike draw the same groups.
+    synthetic patient ``k`` takes the ``k``-th of them. Every present (sample, anatomy) pair is used
+    exactly once: when only ``n_j < K`` samples contain ``j``, patients ``n_j .. K-1`` have no
+    anatomy ``j`` (``-1``, masked out of their means) instead of re-using a sample. ``-1`` also
+    marks an anatomy absent from the whole batch. The permutations are drawn on the CPU from
+    ``generator``, so ranks seeded alike draw the same groups.
     """
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
@@ -170,9 +177,8 @@ def global_group_indices(
         idx = torch.nonzero(p[:, j], as_tuple=False).flatten()
         if idx.numel() == 0:
             continue
-        reps = math.ceil(num_groups / idx.numel())
-        order = torch.cat([idx[torch.randperm(idx.numel(), generator=generator)] for _ in range(reps)])
-        out[:, j] = order[:num_groups]
+        order = idx[torch.randperm(idx.numel(), generator=generator)][:num_groups]
+        out[: order.numel(), j] = order
     return out.to(present.device)
 
 
@@ -204,8 +210,8 @@ def global_contrastive_loss(
     matched (image, report) pair drawn from an independent permutation of the samples containing
     it). A group's image embedding is the renormalised mean of its anatomies' (normalised) image
     embeddings, likewise its text embedding, with the *same* sample per anatomy on both sides.
-    The loss is the bidirectional InfoNCE over the ``K`` groups; 0 when ``K < 2`` or no anatomy
-    is present.
+    The loss is the bidirectional InfoNCE (directions summed, eq. 4) over the groups that hold at
+    least one anatomy; 0 when fewer than 2 such groups exist.
 
     Args:
         image_emb, text_emb, present, logit_scale, rank, world_size, gather, normalize: as in
@@ -223,7 +229,10 @@ def global_contrastive_loss(
             raise ValueError(f"num_groups must be >= 1, got {k}")
         return v.sum() * 0.0
     groups = global_group_indices(p, num_groups=k, generator=generator)
-    return clip_loss(_group_embeddings(v, groups), _group_embeddings(t, groups), logit_scale)
+    groups = groups[(groups >= 0).any(dim=1)]  # synthetic patients with no anatomy at all are dropped
+    if groups.shape[0] < 2:
+        return v.sum() * 0.0
+    return clip_loss(_group_embeddings(v, groups), _group_embeddings(t, groups), logit_scale, sum_directions=True)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ def _norm(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def _infonce_np(a: np.ndarray, b: np.ndarray, scale: float) -> float:
+def _infonce_np(a: np.ndarray, b: np.ndarray, scale: float, *, mean: bool = False) -> float:
+    """CA-GCL's bidirectional InfoNCE: the two directions summed (``mean``: averaged, as CLIP)."""
     a, b = _norm(a), _norm(b)
     logits = scale * a @ b.T
 
@@ -34,7 +35,7 @@ def _infonce_np(a: np.ndarray, b: np.ndarray, scale: float) -> float:
         logp = m - np.log(np.exp(m).sum(axis=1, keepdims=True))
         return float(-np.mean(np.diag(logp)))
 
-    return 0.5 * (ce(logits) + ce(logits.T))
+    return (0.5 if mean else 1.0) * (ce(logits) + ce(logits.T))
 
 
 def test_clip_loss_2x2_by_hand():
@@ -48,6 +49,7 @@ def test_clip_loss_2x2_by_hand():
     t2i = -(math.log(math.exp(2 * 1.0) / (math.exp(2 * 1.0) + math.exp(2 * 0.0)))
             + math.log(math.exp(2 * 0.8) / (math.exp(2 * 0.6) + math.exp(2 * 0.8)))) / 2
     assert float(clip_loss(a, b, s)) == pytest.approx(0.5 * (i2t + t2i), rel=1e-6)
+    assert float(clip_loss(a, b, s, sum_directions=True)) == pytest.approx(i2t + t2i, rel=1e-6)
 
 
 def test_local_loss_matches_hand_computation_and_excludes_absent():
@@ -108,8 +110,8 @@ def test_group_indices_are_permutations_of_present_samples():
     present = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     idx = global_group_indices(present, num_groups=4, generator=torch.Generator().manual_seed(3))
     assert sorted(idx[:, 0].tolist()) == [0, 1, 2, 3]
-    # anatomy 1 is in samples 0 and 2 only: two full permutations of {0, 2}
-    assert sorted(idx[:2, 1].tolist()) == [0, 2] and sorted(idx[2:, 1].tolist()) == [0, 2]
+    # anatomy 1 is in samples 0 and 2 only: each used exactly once, the other patients lack it
+    assert sorted(idx[:2, 1].tolist()) == [0, 2] and idx[2:, 1].tolist() == [-1, -1]
     assert idx[:, 2].tolist() == [-1, -1, -1, -1]
     again = global_group_indices(present, num_groups=4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(idx, again)
@@ -129,12 +131,30 @@ def test_global_loss_matches_hand_computation():
     idx = global_group_indices(torch.from_numpy(present), num_groups=4,
                                generator=torch.Generator().manual_seed(7)).numpy()
     vn, tn = _norm(v), _norm(t)
-    gv = np.stack([np.mean([vn[idx[k, j], j] for j in (0, 2)], axis=0) for k in range(4)])
-    gt = np.stack([np.mean([tn[idx[k, j], j] for j in (0, 2)], axis=0) for k in range(4)])
+    # anatomy 2 is in 3 samples: each is used once, the fourth patient is composed without it
+    assert (idx[:, 2] >= 0).sum() == 3 and sorted(idx[idx[:, 2] >= 0, 2].tolist()) == [0, 2, 4]
+    gv = np.stack([np.mean([vn[idx[k, j], j] for j in (0, 2) if idx[k, j] >= 0], axis=0) for k in range(4)])
+    gt = np.stack([np.mean([tn[idx[k, j], j] for j in (0, 2) if idx[k, j] >= 0], axis=0) for k in range(4)])
     expected = _infonce_np(gv, gt, 5.0)
     got = global_contrastive_loss(torch.from_numpy(v), torch.from_numpy(t), torch.from_numpy(present), 5.0,
                                   num_groups=4, generator=torch.Generator().manual_seed(7))
     assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_global_loss_drops_patients_without_anatomies():
+    v, t = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    present = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 0]], dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    # K = 4 synthetic patients, but only 2 can hold an anatomy (anatomy 0 is in 2 samples)
+    got = global_contrastive_loss(v, t, present, 5.0, num_groups=4, generator=gen)
+    idx = global_group_indices(present, num_groups=4, generator=torch.Generator().manual_seed(0))
+    assert (idx[2:] == -1).all()
+    vn, tn = _norm(v.numpy()), _norm(t.numpy())
+    gv = np.stack([np.mean([vn[idx[k, j], j] for j in range(2) if idx[k, j] >= 0], axis=0) for k in range(2)])
+    gt = np.stack([np.mean([tn[idx[k, j], j] for j in range(2) if idx[k, j] >= 0], axis=0) for k in range(2)])
+    assert float(got) == pytest.approx(_infonce_np(gv, gt, 5.0), rel=1e-5)
+    one = torch.tensor([[1, 0], [0, 0], [0, 0], [0, 0]], dtype=torch.bool)
+    assert float(global_contrastive_loss(v, t, one, 5.0, num_groups=4, generator=gen)) == 0.0
 
 
 def test_cagcl_module_total_and_switches():
@@ -175,7 +195,7 @@ def test_image_report_contrastive_equals_clip_by_hand():
     rng = np.random.default_rng(4)
     a, b = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=(3, 6)).astype(np.float32)
     got = image_report_contrastive_loss(torch.from_numpy(a), torch.from_numpy(b), 7.0)
-    assert float(got) == pytest.approx(_infonce_np(a, b, 7.0), rel=1e-5)
+    assert float(got) == pytest.approx(_infonce_np(a, b, 7.0, mean=True), rel=1e-5)
 
 
 def test_multilabel_weak_assume_negative_by_hand():
