@@ -2,8 +2,12 @@
 
 A report is split into sentences, and each sentence goes to every anatomy of
 :data:`napari_ctvlp.engine.anatomy.ANATOMY_NAMES` whose lexicon (regular expressions, matched
-case-insensitively anywhere in the sentence) it matches; sentences matching none go to
-``body``. Negated sentences ("No pleural effusion.") are kept: they are what teaches the model
+case-insensitively anywhere in the sentence) it matches, unless a veto of that anatomy
+(:data:`DEFAULT_VETOES`) matches too: coronary plaques are not aortic, a pacemaker lead in the
+right ventricle is medical material (``body``) and not a heart finding, an inguinal hernia is not a
+hiatal hernia, axillary nodes are not mediastinal. ``body`` is the rest of the scanned body
+(devices, bones, soft tissue, the upper abdomen); a sentence matching no anatomy ("No significant
+abnormality.") is dropped, not given to ``body``, the anatomy that scores Medical material. Negated sentences ("No pleural effusion.") are kept: they are what teaches the model
 the normal appearance. Findings and impression are parsed jointly: impression sentences are
 appended after the findings of the anatomies they mention.
 
@@ -26,7 +30,9 @@ from napari_ctvlp.engine.anatomy import ANATOMY_NAMES
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_KEEPS",
     "DEFAULT_LEXICON",
+    "DEFAULT_VETOES",
     "AnatomyReport",
     "parse_report",
     "parse_report_llm",
@@ -55,7 +61,7 @@ DEFAULT_LEXICON: Mapping[str, tuple[str, ...]] = {
         r"\blad\b", r"\brca\b", r"circumflex", r"\bctr\b",
     ),
     "esophagus": (
-        r"(o)?esophag", r"hiat(al|us)", r"hernia", r"gastroesoph",
+        r"(o)?esophag", r"hiat(al|us)", r"gastroesoph",
     ),
     "aorta": (
         r"aort(?!o?a?pulmonary)", r"\barch\b", r"atheroscler", r"atherom", r"arterial",
@@ -65,16 +71,42 @@ DEFAULT_LEXICON: Mapping[str, tuple[str, ...]] = {
         r"\btrache", r"main bronch", r"\bcarina", r"\bairways?\b",
     ),
     "mediastinum": (
-        r"mediastin", r"lymph", r"\bnodes?\b", r"\bhil(ar|um|a)\b", r"prevascular", r"paratracheal",
+        r"mediastin", r"mediasa?tin", r"pulmonary (arter|trunk)", r"(main|major) vascular", r"lymph", r"\bnodes?\b", r"\bhil(ar|um|a)\b", r"prevascular", r"paratracheal",
         r"subcarinal", r"aortopulmonary", r"\blaps?\b", r"lymphadenopath", r"adenopath", r"thym",
-        r"axilla", r"paraesophageal", r"precarinal", r"retrocrural",
+        r"paraesophageal", r"precarinal", r"retrocrural",
     ),
     "body": (
         r"catheter", r"\bports?\b", r"pacemaker", r"\bstents?\b", r"prosthe", r"\bclips?\b",
-        r"device", r"material", r"cannula", r"\btubes?\b", r"sternotomy", r"\bwires?\b",
+        r"device", r"(?<!contrast )material", r"cannula", r"\btubes?\b", r"sternotomy", r"\bwires?\b",
         r"suture", r"\bdrain", r"implant", r"electrode", r"\bgraft", r"metallic", r"surgical",
-        r"operat", r"postop", r"foreign body",
+        r"operat", r"postop", r"foreign body", r"\bleads?\b", r"defibrillat",
+        # the rest of the scanned body: bones, soft tissue, body wall, upper abdomen, neck
+        r"\bbones?\b", r"osseous", r"vertebra", r"spin(e|al)\b", r"\bribs?\b", r"sternum", r"scapul",
+        r"clavic", r"degenerat", r"osteophyt", r"fracture", r"lytic|blastic", r"soft tissue",
+        r"subcutan", r"muscle", r"axilla", r"breast", r"thyroid", r"\bneck\b", r"(?<!thoraco)abdom", r"liver|hepat",
+        r"gall ?bladder", r"kidney|renal", r"adrenal", r"splen|spleen", r"pancrea", r"stomach", r"bowel|colon",
+        r"(?<!hiatal )(?<!hiatus )\bhernia", r"\bcysts?\b", r"chole(lith|cyst)", r"bladder", r"periton",
+        r"omentum", r"nasopharyn|rosenm", r"pelvi", r"prostat", r"uter(us|ine)", r"ovar",
     ),
+}
+
+#: Anatomy -> patterns that veto a lexicon match (the sentence is about something else), unless
+#: the paired "keep" pattern of :data:`DEFAULT_KEEPS` matches too.
+DEFAULT_VETOES: Mapping[str, str] = {
+    "lung": r"pulmonary (arter|trunk)",
+    "aorta": r"coronar|\blad\b|\brca\b|circumflex",
+    "heart": r"pacemaker|\bleads?\b|electrode|defibrillat|catheter|\bports?\b|cannula|\bstents?\b|\bwires?\b",
+    "mediastinum": r"axilla|supraclavic|inguinal|cervical|\bneck\b|abdominal|retroperiton|mesenter|porta hepatis",
+    "esophagus": r"inguinal|umbilical|incisional|ventral|abdominal wall|diaphragmatic(?! hiat)",
+}
+#: Anatomy -> patterns that keep a vetoed match ("plaques in the aorta and coronary arteries").
+DEFAULT_KEEPS: Mapping[str, str] = {
+    "lung": r"\blungs?\b|parenchym|embol|nodul|pleur|lob(e|ar)",
+    "aorta": r"aort|\barch\b|supra-?aortic|arterial wall|vascular",
+    "heart": r"cardiomegal|pericard|heart (size|contour)|enlarg|effusion|calcif|atherom|plaque",
+    "mediastinum": r"mediastin|hil(ar|um)|paratracheal|subcarinal|prevascular|aortopulmonary|precarinal|"
+                   r"paraesophageal|retrocrural|paracardiac",
+    "esophagus": r"hiat|esophag|paraesophageal",
 }
 
 #: Fragments before a ";" that only introduce the next sentence ("When examined in the lung
@@ -162,17 +194,31 @@ def _compile(lexicon: Mapping[str, Sequence[str]]) -> dict[str, re.Pattern[str]]
 
 
 _DEFAULT_COMPILED = _compile(DEFAULT_LEXICON)
+_VETO = {a: re.compile(p, re.I) for a, p in DEFAULT_VETOES.items()}
+_KEEP = {a: re.compile(p, re.I) for a, p in DEFAULT_KEEPS.items()}
 
 
 def assign_sentences(
-    sentences: Sequence[str], *, lexicon: Mapping[str, Sequence[str]] = DEFAULT_LEXICON
+    sentences: Sequence[str], *, lexicon: Mapping[str, Sequence[str]] = DEFAULT_LEXICON,
+    unmatched: str | None = None,
 ) -> dict[str, list[str]]:
-    """``{anatomy: [sentences]}``: each sentence to every matching anatomy, else to ``body``."""
-    patterns = _DEFAULT_COMPILED if lexicon is DEFAULT_LEXICON else _compile(lexicon)
+    """``{anatomy: [sentences]}``: each sentence to every matching anatomy (after the vetoes).
+
+    Args:
+        sentences: report sentences.
+        lexicon: anatomy -> regular expressions; the vetoes apply to the default lexicon only.
+        unmatched: anatomy that receives sentences matching none (default: they are dropped).
+    """
+    default = lexicon is DEFAULT_LEXICON
+    patterns = _DEFAULT_COMPILED if default else _compile(lexicon)
+    if unmatched is not None and unmatched not in ANATOMY_NAMES:
+        raise ValueError(f"unmatched must be an anatomy name or None, got {unmatched!r}")
     out: dict[str, list[str]] = {a: [] for a in ANATOMY_NAMES}
     for s in sentences:
         hits = [a for a, pat in patterns.items() if pat.search(s)]
-        for a in hits or ["body"]:
+        if default:
+            hits = [a for a in hits if not (a in _VETO and _VETO[a].search(s) and not _KEEP[a].search(s))]
+        for a in hits or ([unmatched] if unmatched else []):
             out[a].append(s)
     return out
 
@@ -182,6 +228,7 @@ def parse_report(
     impression: str = "",
     *,
     lexicon: Mapping[str, Sequence[str]] = DEFAULT_LEXICON,
+    unmatched: str | None = None,
 ) -> AnatomyReport:
     """Split a report into anatomy-wise sentences with a keyword lexicon.
 
@@ -190,17 +237,19 @@ def parse_report(
             :func:`split_findings_impression` to separate its impression first).
         impression: the impression section, parsed with the findings; its sentences are
             appended to the anatomies they mention.
-        lexicon: anatomy -> regular expressions; default :data:`DEFAULT_LEXICON`.
+        lexicon: anatomy -> regular expressions; default :data:`DEFAULT_LEXICON` (with
+            :data:`DEFAULT_VETOES`).
+        unmatched: anatomy for sentences matching none; default None drops them.
 
     Returns:
-        An :class:`AnatomyReport`; a sentence may appear under several anatomies, sentences
-        matching no anatomy go to ``body``, negated sentences are kept.
+        An :class:`AnatomyReport`; a sentence may appear under several anatomies, negated
+        sentences are kept.
     """
     if not isinstance(findings, str) or not isinstance(impression, str):
         raise ValueError("parse_report expects findings and impression as strings")
     f_sents, i_sents = split_sentences(findings), split_sentences(impression)
-    f_map = assign_sentences(f_sents, lexicon=lexicon)
-    i_map = assign_sentences(i_sents, lexicon=lexicon)
+    f_map = assign_sentences(f_sents, lexicon=lexicon, unmatched=unmatched)
+    i_map = assign_sentences(i_sents, lexicon=lexicon, unmatched=unmatched)
     sentences = {a: tuple(f_map[a] + i_map[a]) for a in ANATOMY_NAMES}
     return AnatomyReport(sentences, tuple(f_sents), tuple(i_sents))
 

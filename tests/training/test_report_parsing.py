@@ -60,7 +60,7 @@ def test_parse_report_assigns_anatomies():
     assert "There are lymph nodes in the subcarinal region." in s["mediastinum"]
     assert s["esophagus"] == ("Small sliding hiatal hernia.",)
     assert "A port catheter is seen in the superior vena cava." in s["body"]
-    assert "The liver is normal." in s["body"]  # unassigned -> body
+    assert "The liver is normal." in s["body"]  # the upper abdomen is part of the scanned body
     # negations kept; impression appended after the findings of the anatomy it mentions
     assert s["lung"] == ("No pleural effusion.", "A 4 mm nodule in the right upper lobe.", "Pulmonary nodule.")
     assert report.impression == ("Cardiomegaly.", "Pulmonary nodule.")
@@ -70,10 +70,32 @@ def test_parse_report_assigns_anatomies():
         report.text("spleen")
 
 
+def test_misassignments_of_the_audit_are_fixed():
+    """Issue 10: coronary plaques are not aortic, pacemakers are devices not heart findings, only a
+    hiatal hernia is esophageal, axillary nodes are not mediastinal, unmatched sentences are dropped."""
+    s = parse_report(
+        "Calcified plaques are observed in the coronary arteries. "
+        "Calcified atheroma plaques in the aorta and coronary arteries. "
+        "A pacemaker lead is seen in the right ventricle. The heart size is increased. "
+        "Umbilical hernia is observed. Small sliding hiatal hernia. "
+        "Lymph nodes of 12 mm are seen in both axillae. Subcarinal lymph node of 15 mm. "
+        "No significant abnormality was detected.").sentences
+    assert s["aorta"] == ("Calcified atheroma plaques in the aorta and coronary arteries.",)
+    assert "Calcified plaques are observed in the coronary arteries." in s["heart"]
+    assert "A pacemaker lead is seen in the right ventricle." in s["body"]
+    assert "A pacemaker lead is seen in the right ventricle." not in s["heart"]
+    assert s["esophagus"] == ("Small sliding hiatal hernia.",)
+    assert "Umbilical hernia is observed." in s["body"]
+    assert s["mediastinum"] == ("Subcarinal lymph node of 15 mm.",)
+    assert "Lymph nodes of 12 mm are seen in both axillae." in s["body"]
+    assert not any("No significant abnormality" in x for v in s.values() for x in v)
+
+
 def test_custom_lexicon_and_ct_rate_split():
-    report = parse_report("Heart normal. Lungs clear.", lexicon={"heart": (r"heart",)})
+    report = parse_report("Heart normal. Lungs clear.", lexicon={"heart": (r"heart",)}, unmatched="body")
     assert report.sentences["heart"] == ("Heart normal.",)
     assert report.sentences["body"] == ("Lungs clear.",) and report.sentences["lung"] == ()
+    assert parse_report("Heart normal. Lungs clear.", lexicon={"heart": (r"heart",)}).sentences["body"] == ()
     with pytest.raises(ValueError, match="unknown anatomies"):
         parse_report("x", lexicon={"spleen": ("splen",)})
     assert split_findings_impression('Findings here. " Impression one." Impression two.') == (
