@@ -223,7 +223,7 @@ def test_init_from_ctvlp_copies_encoder() -> None:
     last = f"decoder.layers.{len(seg.tag_decoder.decoder.layers) - 1}.multihead_attn.in_proj_weight"  # the maps
     assert torch.equal(seg.tag_decoder.get_parameter(last), ctvlp.tag_decoder.get_parameter(last))
     with torch.no_grad():
-        expected = ctvlp.encode_text([c.phrase for c in SEG_CLASSES])
+        expected = ctvlp.encode_tags([c.phrase for c in SEG_CLASSES])  # as the CTVLP decodes its tags
     assert torch.allclose(seg.tag_embeddings, expected)
 
 

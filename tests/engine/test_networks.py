@@ -281,6 +281,31 @@ def test_tag_maps_are_the_decoders_cross_attention_and_trained_by_recognition() 
     assert not torch.allclose(before.maps, after.maps) and not torch.allclose(before.logits, after.logits)
 
 
+def test_coop_context_lives_in_the_text_encoder_and_trains() -> None:
+    """MOSMOS eq. 6: the learnable context is prepended to the tag's token embeddings inside the
+    text encoder (not extra decoder tokens), and the recognition loss trains it."""
+    torch.manual_seed(0)
+    m = CTVLP(CTVLPConfig.tiny()).train()
+    assert m.config.tag_context == "text" and m.tag_text_context.shape == (2, m.text.width)
+    assert m.tag_decoder.context_length == 0
+    tokens = m.encode_image(_image())
+    m.decode_tags(tokens).logits.sigmoid().sum().backward()
+    assert m.tag_text_context.grad is not None and m.tag_text_context.grad.abs().sum() > 0
+    with torch.no_grad():  # the context changes the tag embeddings, not the plain sentence ones
+        plain = m.encode_text(["pleural effusion"])
+        tag = m.encode_tags(["pleural effusion"])
+        assert not torch.allclose(plain, tag)
+        m.tag_text_context.zero_()
+        assert not torch.allclose(m.encode_tags(["pleural effusion"]), tag)
+    legacy = CTVLPConfig.from_dict({k: v for k, v in CTVLPConfig.tiny().to_dict().items() if k != "tag_context"},
+                                   strict=True)
+    assert legacy.tag_context == "decoder"  # checkpoints written before the field existed
+    old = CTVLP(legacy)
+    assert old.tag_text_context is None and old.tag_decoder.context_length == legacy.tag_context_length
+    with pytest.raises(ValueError, match="tag_context"):
+        CTVLPConfig.tiny(tag_context="prompt")
+
+
 # ---------------------------------------------------------------------- whole model
 def test_gradients_flow_to_every_trainable_part() -> None:
     torch.manual_seed(0)
@@ -297,7 +322,7 @@ def test_gradients_flow_to_every_trainable_part() -> None:
     loss.backward()
     for name in ("vit.patch_embed.weight", "vit.pos_embed", "anatomy_pooling.queries",
                  "anatomy_pooling.image_proj.weight", "text.projection.weight",
-                 "text.backbone.embeddings.word_embeddings.weight", "tag_decoder.context",
+                 "text.backbone.embeddings.word_embeddings.weight", "tag_text_context",
                  "tag_decoder.cls_head.weight", "logit_scale"):
         grad = m.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name

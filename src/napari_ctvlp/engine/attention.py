@@ -127,7 +127,7 @@ def _tag_map(model: CTVLP, features: ImageFeatures, text: str) -> np.ndarray:
     if text in features.tags:
         return features.tag_maps[features.tags.index(text)].cpu().numpy()
     with torch.inference_mode():
-        out = model.decode_tags(features.tokens, text_embeddings(model, [text]))
+        out = model.decode_tags(features.tokens, model.encode_tags([text]))
     return out.maps[0, 0].float().cpu().numpy()
 
 

@@ -24,6 +24,8 @@ TINY_TEXT_CONFIG: dict[str, int] = {
 }
 
 _TUPLE3_FIELDS = ("image_size", "patch_size")
+#: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
+_LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder"}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -65,6 +67,9 @@ class CTVLPConfig:
         tags: MOSMOS tag vocabulary decoded by the tag decoder.
         tag_decoder_layers: ``nn.TransformerDecoder`` layers of the tag decoder.
         tag_context_length: learnable context vectors shared by all tag queries.
+        tag_context: where that context goes: ``"text"`` (MOSMOS eq. 6, CoOp: prepended to each
+            tag's token embeddings inside the text encoder) or ``"decoder"`` (extra query tokens of
+            the tag decoder; checkpoints written before 2026-12-01, whose config lacks this key).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -86,6 +91,7 @@ class CTVLPConfig:
     tags: tuple[str, ...] = field(default=DEFAULT_TAGS)
     tag_decoder_layers: int = 2
     tag_context_length: int = 4
+    tag_context: str = "text"
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -109,6 +115,8 @@ class CTVLPConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CTVLPConfig.{name} must be a positive integer, got {value!r}")
+        if self.tag_context not in ("text", "decoder"):
+            raise ValueError(f"CTVLPConfig.tag_context must be 'text' or 'decoder', got {self.tag_context!r}")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
             raise ValueError(f"CTVLPConfig.tag_context_length must be >= 0, got {self.tag_context_length!r}")
         if self.hidden_size % self.num_heads:
@@ -178,6 +186,8 @@ class CTVLPConfig:
         if unknown:
             raise ValueError(f"unknown CTVLPConfig key(s): {', '.join(unknown)}; known: {', '.join(names)}")
         if strict:
+            # keys added after checkpoints were already written: absent means the old behaviour
+            d = {**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in d}, **d}
             missing = [n for n in names if n not in d]
             if missing:
                 raise ValueError(f"missing CTVLPConfig key(s): {', '.join(missing)}")

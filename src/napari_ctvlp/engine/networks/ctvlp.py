@@ -71,8 +71,14 @@ class CTVLP(nn.Module):
         self.tag_decoder = TagDecoder(
             config.hidden_size, config.embed_dim, num_layers=config.tag_decoder_layers,
             num_heads=config.num_heads, mlp_dim=config.mlp_dim,
-            context_length=config.tag_context_length, dropout=config.dropout,
+            context_length=config.tag_context_length if config.tag_context == "decoder" else 0,
+            dropout=config.dropout,
         )
+        if config.tag_context == "text" and config.tag_context_length:
+            # MOSMOS eq. 6 (CoOp): context vectors prepended to each tag's token embeddings
+            self.tag_text_context = nn.Parameter(torch.randn(config.tag_context_length, self.text.width) * 0.02)
+        else:
+            self.tag_text_context = None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
         self._tag_cache: Tensor | None = None
 
@@ -141,15 +147,23 @@ class CTVLP(nn.Module):
         return self.text(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ tags (MOSMOS)
+    def encode_tags(self, tags: Sequence[str]) -> Tensor:
+        """Tag texts -> embeddings ``[T, E]`` for the tag decoder (with the learnable CoOp context
+        inside the text encoder when ``config.tag_context == "text"``)."""
+        if self.tag_text_context is None:
+            return self.encode_text(tags)
+        batch = self.text.tokenize(tags, device=self.device)
+        return self.text.forward_with_context(batch["input_ids"], batch["attention_mask"], self.tag_text_context)
+
     def tag_embeddings(self) -> Tensor:
         """Text embeddings ``[T, E]`` of ``config.tags``; cached in eval mode, re-encoded when training."""
         if self.training:
             self._tag_cache = None
-            return self.encode_text(self.config.tags)
+            return self.encode_tags(self.config.tags)
         cache = self._tag_cache
         if cache is None or cache.device != self.device:
             with torch.no_grad():
-                cache = self.encode_text(self.config.tags)
+                cache = self.encode_tags(self.config.tags)
             self._tag_cache = cache
         return cache
 

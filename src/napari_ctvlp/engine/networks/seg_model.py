@@ -225,7 +225,9 @@ class SegModelConfig:
         base = dict(
             roi_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size, depth=c.depth,
             num_heads=c.num_heads, mlp_dim=c.mlp_dim, tag_embed_dim=c.embed_dim,
-            tag_decoder_layers=c.tag_decoder_layers, tag_context_length=c.tag_context_length,
+            tag_decoder_layers=c.tag_decoder_layers,
+            # a CTVLP whose context lives in the text encoder has none in its decoder
+            tag_context_length=c.tag_context_length if c.tag_context == "decoder" else 0,
         )
         return cls(**{**base, **overrides})
 
@@ -389,7 +391,7 @@ def init_from_ctvlp(model: Any, ctvlp: Any) -> dict[str, Any]:
     tag_ok = False
     if model.config.use_pta:
         with torch.no_grad():
-            emb = ctvlp.encode_text([c.phrase for c in SEG_CLASSES])
+            emb = ctvlp.encode_tags([c.phrase for c in SEG_CLASSES])
             if tuple(emb.shape) == tuple(model.tag_embeddings.shape):
                 model.tag_embeddings.copy_(emb.to(model.tag_embeddings.dtype))
                 tag_ok = True

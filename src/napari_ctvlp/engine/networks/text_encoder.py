@@ -221,6 +221,24 @@ class TextEncoder(nn.Module):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return F.normalize(self.projection(pooled), dim=-1)
 
+    def forward_with_context(self, input_ids: Tensor, attention_mask: Tensor, context: Tensor) -> Tensor:
+        """Like :meth:`forward`, with learnable context vectors ``[M, width]`` inserted after the
+        first token (``[CLS]``) of every text, as input embeddings of the backbone (CoOp; MOSMOS
+        eq. 6). The context trains through the backbone even where its layers are frozen."""
+        if context.ndim != 2 or context.shape[-1] != self.width:
+            raise ValueError(f"context must be [M, {self.width}], got {tuple(context.shape)}")
+        if input_ids.ndim != 2 or input_ids.shape != attention_mask.shape:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} must both be [T, L]")
+        emb = self.backbone.get_input_embeddings()(input_ids)
+        t, m = input_ids.shape[0], context.shape[0]
+        ctx = context.to(emb.dtype).unsqueeze(0).expand(t, -1, -1)
+        inputs = torch.cat([emb[:, :1], ctx, emb[:, 1:]], dim=1)
+        mask = torch.cat([attention_mask[:, :1], attention_mask.new_ones((t, m)), attention_mask[:, 1:]], dim=1)
+        hidden = self.backbone(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+        w = mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return F.normalize(self.projection(pooled), dim=-1)
+
     def encode(self, texts: Sequence[str]) -> Tensor:
         """Strings -> L2-normalised embeddings ``[T, E]`` (on this module's device)."""
         batch = self.tokenize(texts, device=self.projection.weight.device)
