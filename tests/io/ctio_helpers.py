@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,45 @@ def write_nifti(path: Path, data_xyz: np.ndarray, affine: np.ndarray) -> Path:
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=2)
     img.to_filename(str(path))
+    return path
+
+
+def raw_nifti(
+    path: Path,
+    *,
+    shape: tuple[int, ...],
+    dtype: object = np.int16,
+    pixdim: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    slope: float = 1.0,
+    inter: float = 0.0,
+    sform: np.ndarray | None = None,
+    qform_code: int = 0,
+    data: bytes | None = None,
+) -> Path:
+    """A NIfTI-1 file written byte by byte: the header says exactly what the test wants (no nibabel fixes).
+
+    ``data`` defaults to zeros of the declared size; ``.nii.gz`` paths are gzipped.
+    """
+    import nibabel as nib
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    hdr["dim"][0] = len(shape)
+    hdr["dim"][1 : 1 + len(shape)] = shape
+    hdr["pixdim"][1:4] = pixdim
+    hdr["scl_slope"] = slope
+    hdr["scl_inter"] = inter
+    hdr["vox_offset"] = 352
+    hdr["qform_code"] = qform_code
+    if sform is not None:
+        hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = np.asarray(sform, dtype=float)[:3]
+        hdr["sform_code"] = 2
+    else:
+        hdr["sform_code"] = 0
+    if data is None:
+        data = bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    raw = hdr.binaryblock + b"\0" * 4 + data
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
     return path
 
 

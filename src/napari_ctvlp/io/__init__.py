@@ -10,9 +10,17 @@ Supported inputs of :func:`read_ct`:
   set, else qform); a 4D file whose 4th axis has length 1 is squeezed.
 * a DICOM series folder (pydicom; JPEG2000/JPEG-LS via pylibjpeg/gdcm): slices sorted along the
   slice normal, RescaleSlope/Intercept applied, affine built from the DICOM geometry (LPS -> RAS).
-  A folder holding several series is rejected (the message lists them). A *single DICOM file* is
-  read as the whole series it belongs to: the files of its folder that share its
-  SeriesInstanceUID (other series in that folder are ignored).
+  A folder holding several series is rejected (the message lists them). Series are told apart
+  by more than the SeriesInstanceUID (often blank in anonymised exports): study / frame-of-
+  reference UIDs, series number and description, orientation, grid and pixel spacing; slices
+  that still look merged (repeated SOPInstanceUIDs or InstanceNumbers, acquisitions whose
+  positions interleave, positions on two interleaved lattices) are refused too. A *single DICOM
+  file* is read as the whole series it belongs to: the files of its folder that share its
+  series attributes (other series in that folder are ignored).
+* Sizes are checked before voxels are allocated: the file must be able to hold what the header
+  claims (for ``.nii.gz`` through the DEFLATE ratio bound) and the read must fit the available
+  memory (``$NAPARI_CTVLP_READ_BUDGET_BYTES`` overrides it). Values that are not finite after
+  the intensity scaling, and a zero voxel size in a NIfTI header without sform, are refused.
 * ``.nrrd`` / ``.nhdr`` / ``.mha`` / ``.mhd`` (SimpleITK).
 
 Heavy libraries are imported inside the functions so that napari starts fast.

@@ -6,6 +6,7 @@ Every other module of the package imports from here; this module imports none of
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,13 @@ DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".ima")
 
 #: Largest volume read_ct accepts (voxels); protects against corrupt headers claiming huge sizes.
 MAX_VOXELS = 2**31
+
+#: Upper bound of the DEFLATE compression ratio (the format cannot exceed ~1032:1); a gzip file of
+#: ``n`` bytes never decompresses to more than ``n * MAX_GZIP_RATIO`` bytes.
+MAX_GZIP_RATIO = 1100
+
+#: Environment variable that overrides the memory budget of a read (bytes; for tests and small machines).
+MEMORY_BUDGET_ENV = "NAPARI_CTVLP_READ_BUDGET_BYTES"
 
 #: CT display windows as ``(level, width)`` in HU.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -97,8 +105,59 @@ def axcodes(affine: np.ndarray) -> tuple[str, str, str]:
     return tuple(c if c is not None else "?" for c in codes)  # type: ignore[return-value]
 
 
+def memory_budget() -> int | None:
+    """Bytes a read may allocate: ``$NAPARI_CTVLP_READ_BUDGET_BYTES``, else the available memory.
+
+    The available memory is ``MemAvailable`` of ``/proc/meminfo`` (Linux) or the free physical
+    pages (``os.sysconf``); None when neither is known (then no budget is enforced).
+    """
+    override = os.environ.get(MEMORY_BUDGET_ENV, "").strip()
+    if override:
+        try:
+            return max(0, int(float(override)))
+        except ValueError:
+            logger.warning("ignoring %s=%r (not a number of bytes)", MEMORY_BUDGET_ENV, override)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_memory(path: Path, shape: tuple[int, ...], bytes_per_voxel: float, what: str = "reading it") -> None:
+    """Refuse, before allocating, a read whose peak memory (``voxels * bytes_per_voxel``) exceeds the budget.
+
+    ``bytes_per_voxel`` is the caller's estimate of the peak: the decoded file data plus the
+    HU copies made by :func:`hu_array` and the axis transpose.
+    """
+    voxels = int(np.prod(shape, dtype=np.int64))
+    need = voxels * float(bytes_per_voxel)
+    budget = memory_budget()
+    if budget is not None and need > budget:
+        raise read_error(
+            path,
+            f"image of {tuple(int(s) for s in shape)} voxels: {what} needs about {_gb(need)} of memory, "
+            f"more than the {_gb(budget)} available (corrupt header, or too large for this machine)",
+        )
+
+
 def hu_array(data: np.ndarray, path: Path) -> np.ndarray:
-    """int16 when all values are integers within int16 range, else float32."""
+    """int16 when all values are integers within int16 range, else float32.
+
+    Raises:
+        CTReadError: NaN or infinite values, also ones that appear only when a (rescaled)
+            float64 value does not fit float32 (e.g. ``scl_slope`` / ``RescaleSlope`` of 1e36).
+    """
     if data.dtype.kind == "b":
         data = data.astype(np.int16)
     if data.dtype.kind in "iu":
@@ -107,11 +166,20 @@ def hu_array(data: np.ndarray, path: Path) -> np.ndarray:
         return data.astype(np.int16, copy=False)
     if data.dtype.kind != "f":
         raise read_error(path, f"unsupported voxel type {data.dtype} (need a scalar grey-value image)")
-    if not np.all(np.isfinite(data)):
-        raise read_error(path, "contains NaN or infinite values")
-    if data.size and data.min() >= -32768 and data.max() <= 32767 and np.array_equal(data, np.round(data)):
-        return data.astype(np.int16)
-    return data.astype(np.float32, copy=False)
+    with np.errstate(all="ignore"):
+        if not np.all(np.isfinite(data)):
+            raise read_error(path, "contains NaN or infinite values (after applying the intensity scaling)")
+        lo, hi = (float(data.min()), float(data.max())) if data.size else (0.0, 0.0)
+        limit = float(np.finfo(np.float32).max)
+        if lo < -limit or hi > limit:
+            raise read_error(
+                path,
+                f"values {lo:.3g}..{hi:.3g} are not finite as float32 (intensity scaling such as "
+                "scl_slope/RescaleSlope out of range?)",
+            )
+        if data.size and lo >= -32768 and hi <= 32767 and np.array_equal(data, np.round(data)):
+            return data.astype(np.int16)
+        return data.astype(np.float32, copy=False)
 
 
 def as_3d(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:

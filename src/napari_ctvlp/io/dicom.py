@@ -6,9 +6,12 @@ their implementation (pydicom for reading, highdicom for DICOM-SEG).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import warnings
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,15 @@ import numpy as np
 
 from napari_ctvlp import __version__
 from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
-from napari_ctvlp.io._common import CTReadError, axcodes, hu_array, one_line, read_error, spacing_from_affine
+from napari_ctvlp.io._common import (
+    CTReadError,
+    axcodes,
+    check_memory,
+    hu_array,
+    one_line,
+    read_error,
+    spacing_from_affine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,59 @@ _TYPE2_KEYWORDS = (
 )
 
 
+class _PydicomLog(logging.Handler):
+    """Collects what pydicom logs while reading (instead of letting it reach the user's stderr)."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = one_line(record.getMessage(), 200)
+        except Exception:  # noqa: BLE001 - a logging handler must never raise
+            return
+        logger.debug("pydicom: %s", text)
+        if record.levelno >= logging.WARNING and text not in self.messages:
+            self.messages.append(text)
+
+
+_PYDICOM_LOG_LOCK = threading.Lock()
+_PYDICOM_LOG_STATE: dict[str, Any] = {"users": 0, "propagate": True}
+
+
+@contextlib.contextmanager
+def _capture_pydicom_log() -> Iterator[_PydicomLog]:
+    """Route the ``pydicom`` logger into a collecting handler (debug log only) while reading.
+
+    pydicom logs problems of damaged files (e.g. "End of file reached before delimiter") as
+    warnings; the reader reports them in its one-line :class:`CTReadError` instead. Reentrant
+    and thread-safe: ``propagate`` is restored when the last reader finishes.
+    """
+    pd_logger = logging.getLogger("pydicom")
+    handler = _PydicomLog()
+    with _PYDICOM_LOG_LOCK:
+        if _PYDICOM_LOG_STATE["users"] == 0:
+            _PYDICOM_LOG_STATE["propagate"] = pd_logger.propagate
+        _PYDICOM_LOG_STATE["users"] += 1
+        pd_logger.addHandler(handler)
+        pd_logger.propagate = False
+    try:
+        yield handler
+    finally:
+        with _PYDICOM_LOG_LOCK:
+            pd_logger.removeHandler(handler)
+            _PYDICOM_LOG_STATE["users"] -= 1
+            if _PYDICOM_LOG_STATE["users"] == 0:
+                pd_logger.propagate = _PYDICOM_LOG_STATE["propagate"]
+
+
+def _with_pydicom_note(message: str, log: _PydicomLog | None) -> str:
+    if log is None or not log.messages:
+        return message
+    return f"{message}; pydicom: {log.messages[0]}"
+
+
 def _plain(value: Any) -> Any:
     """A DICOM element value as a plain Python value (float, int, str or list)."""
     import pydicom
@@ -87,23 +151,70 @@ def _candidates(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
 
 
+#: Attributes that are the same for every slice of one series; slices that differ in any of them
+#: are different series even when their SeriesInstanceUID is the same (or blank, as in many
+#: anonymised exports).
+_SERIES_KEYWORDS = ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID", "SeriesNumber", "SeriesDescription")
+
+
+def _series_key(ds: Any) -> tuple[Any, ...]:
+    """What tells one series from another: series-level UIDs/number/description and the slice grid.
+
+    Orientation (rounded to 1e-3), ``Rows`` x ``Columns`` and ``PixelSpacing`` are included too:
+    a stack of slices with different orientations or grids cannot be one volume.
+    """
+    def text(key: str) -> str:
+        return one_line(ds.get(key, "") or "", 120)
+
+    try:
+        iop = tuple(round(float(v), 3) + 0.0 for v in ds.ImageOrientationPatient)
+    except Exception:  # noqa: BLE001 - judged later by _geometry
+        iop = ()
+    try:
+        spacing = tuple(round(float(v), 4) for v in ds.PixelSpacing)
+    except Exception:  # noqa: BLE001
+        spacing = ()
+    size = (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0))
+    return (*(text(k) for k in _SERIES_KEYWORDS), iop, size, spacing)
+
+
+def _describe_series(keys: list[tuple[Any, ...]], key: tuple[Any, ...], count: int) -> str:
+    """``<uid> '<description>' (<n> files)``, plus what tells it from other series with the same UID."""
+    uid, study, frame, number, desc, iop, size, spacing = key
+    parts = [uid or "(blank SeriesInstanceUID)", f"'{desc or 'no description'}'"]
+    others = [k for k in keys if k != key and k[0] == uid]
+    if number and any(k[3] != number for k in others):
+        parts.append(f"series number {number}")
+    if any(k[1] != study for k in others):
+        parts.append(f"study {study or '(blank)'}")
+    if any(k[2] != frame for k in others):
+        parts.append(f"frame of reference {frame or '(blank)'}")
+    if any(k[5] != iop for k in others):
+        parts.append(f"orientation {list(iop)}")
+    if any(k[6] != size for k in others):
+        parts.append(f"{size[0]}x{size[1]} pixels")
+    if any(k[7] != spacing for k in others):
+        parts.append(f"pixel spacing {list(spacing)}")
+    return " ".join(parts) + f" ({count} files)"
+
+
 def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[tuple[Path, Any]]]:
     """Header of every slice of the one series at ``path`` (a folder or one of its files)."""
     folder = path if path.is_dir() else path.parent
-    wanted: str | None = None
+    wanted: tuple[Any, ...] | None = None
     if path.is_file():
         ds = _read_header(path)
         if ds is None:
             raise read_error(path, "is not a readable DICOM file")
         if "SeriesInstanceUID" not in ds:
             raise read_error(path, "DICOM file has no SeriesInstanceUID")
-        wanted = str(ds.SeriesInstanceUID)
+        wanted = _series_key(ds)
     files = _candidates(folder)
     if not files:
         subdirs = [p.name for p in folder.iterdir() if p.is_dir()]
         hint = f" (it has sub-folders {', '.join(subdirs[:5])}: pass one series folder)" if subdirs else ""
         raise read_error(folder, f"folder is empty{hint}")
-    series: dict[str, list[tuple[Path, Any]]] = {}
+    series: dict[tuple[Any, ...], list[tuple[Path, Any]]] = {}
     multiframe = 0
     n = len(files)
     for i, f in enumerate(files):
@@ -113,13 +224,13 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
         if ds is None:
             continue
         try:  # pydicom converts values lazily: a corrupt element raises on first access
-            uid = str(ds.get("SeriesInstanceUID", ""))
+            key = _series_key(ds)
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             is_slice = _is_slice(ds)
         except Exception as exc:
             logger.warning("skipping unreadable DICOM file %s: %s", f, one_line(exc))
             continue
-        if wanted is not None and uid != wanted:
+        if wanted is not None and key != wanted:
             continue
         if frames > 1:
             multiframe += 1
@@ -127,7 +238,7 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
         if not is_slice:
             logger.info("ignoring %s: not an image slice", f.name)
             continue
-        series.setdefault(uid, []).append((f, ds))
+        series.setdefault(key, []).append((f, ds))
     if not series:
         if multiframe:
             raise read_error(folder, "holds only multi-frame DICOM images, which are not supported; convert to one file per slice or NIfTI")
@@ -135,16 +246,87 @@ def _collect(path: Path, progress: ProgressCallback | None) -> tuple[Path, list[
         hint = f"; its sub-folders ({', '.join(subdirs[:5])}) may hold series: pass one of them" if subdirs else ""
         raise read_error(folder, f"folder contains no DICOM image slices ({n} files checked){hint}")
     if len(series) > 1:
-        parts = []
-        for uid, items in sorted(series.items(), key=lambda kv: -len(kv[1])):
-            desc = str(items[0][1].get("SeriesDescription", "") or "no description")
-            parts.append(f"{uid} '{desc}' ({len(items)} files)")
+        keys = list(series)
+        parts = [
+            _describe_series(keys, key, len(items))
+            for key, items in sorted(series.items(), key=lambda kv: -len(kv[1]))
+        ]
         raise read_error(
             folder,
             f"folder holds {len(series)} DICOM series: {'; '.join(parts)}; "
             "pass the folder of one series (or one of its files)",
         )
     return folder, next(iter(series.values()))
+
+
+def _int_tag(ds: Any, key: str) -> int | None:
+    try:
+        value = ds.get(key)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_one_stack(folder: Path, items: list[tuple[Path, Any]], along: np.ndarray) -> None:
+    """Refuse slices that look like several series merged (e.g. two series with a blank UID).
+
+    ``items`` are sorted along the slice normal, ``along`` their positions on it. Signs of a
+    merge: the same SOPInstanceUID twice; the same InstanceNumber twice within one acquisition
+    (unless every slice has the same number, as some exporters write);
+    acquisitions (AcquisitionNumber) whose slice positions interleave instead of following one
+    another (multi-acquisition series such as step-and-shoot scans are contiguous blocks).
+    """
+    sops = [str(ds.get("SOPInstanceUID", "") or "") for _, ds in items]
+    dup_sops = [u for u, c in Counter(u for u in sops if u).items() if c > 1]
+    if dup_sops:
+        raise read_error(
+            folder,
+            f"{len(dup_sops)} SOPInstanceUID(s) occur in more than one file (e.g. {dup_sops[0]}): copies of the "
+            "same slices, or several series merged; pass the folder of one series",
+        )
+    acquisitions = [_int_tag(ds, "AcquisitionNumber") for _, ds in items]
+    instances = [_int_tag(ds, "InstanceNumber") for _, ds in items]
+    if all(v is not None for v in instances) and len(set(instances)) > 1:  # a constant number says nothing
+        counts = Counter(zip(acquisitions, instances))
+        repeated = [key for key, c in counts.items() if c > 1]
+        if repeated:
+            times = max(counts.values())
+            raise read_error(
+                folder,
+                f"{len(repeated)} InstanceNumber(s) occur on slices at different positions (e.g. "
+                f"{repeated[0][1]} x{counts[repeated[0]]}): this looks like {times} series merged into one "
+                "folder (their SeriesInstanceUID is blank or shared); pass the folder of one series",
+            )
+    groups: dict[int, list[float]] = {}
+    for acq, z in zip(acquisitions, along):
+        if acq is not None:
+            groups.setdefault(acq, []).append(float(z))
+    if len(groups) > 1:
+        spans = sorted((min(v), max(v), k, len(v)) for k, v in groups.items())
+        for (lo1, hi1, k1, n1), (lo2, hi2, k2, n2) in zip(spans, spans[1:]):
+            if lo2 < hi1 - 1e-3:
+                raise read_error(
+                    folder,
+                    f"slices of AcquisitionNumber {k1} ({n1} slices, {lo1:.1f}..{hi1:.1f} mm) and {k2} "
+                    f"({n2} slices, {lo2:.1f}..{hi2:.1f} mm) interleave: several series or acquisitions "
+                    "merged into one folder; pass the folder of one series",
+                )
+
+
+def _interleave_hint(steps: np.ndarray) -> str | None:
+    """A message when non-uniform steps repeat with period 2 or 3: interleaved series, not missing slices."""
+    for period in (2, 3):
+        if len(steps) < 2 * period:
+            continue
+        pattern = steps[:period]
+        reps = np.resize(pattern, len(steps))
+        if np.max(np.abs(steps - reps)) <= max(1e-2, 0.01 * float(np.median(steps))):
+            offsets = ", ".join(f"{v:.3g}" for v in np.cumsum(pattern)[:-1])
+            return (
+                f"slice positions interleave ({period} stacks of {float(pattern.sum()):.3g} mm spacing shifted by "
+                f"{offsets} mm): several series merged into one folder; pass the folder of one series"
+            )
+    return None
 
 
 def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[tuple[Path, Any]], np.ndarray]:
@@ -178,14 +360,17 @@ def _geometry(folder: Path, items: list[tuple[Path, Any]]) -> tuple[list[tuple[P
     if n < 2:
         rows, cols = shapes.pop()
         raise read_error(folder, f"is a 2D image (one DICOM slice of {rows}x{cols}); need a 3D series")
-    steps = np.diff(positions @ normal)
+    along = positions @ normal
+    steps = np.diff(along)
     if steps.min() < 1e-3:
         raise read_error(folder, "several slices share the same position (more than one acquisition or duplicates in the series?)")
+    _check_one_stack(folder, items, along)
     median = float(np.median(steps))
     if steps.max() - steps.min() > max(1e-2, 0.01 * median):
+        hint = _interleave_hint(steps)
         raise read_error(
             folder,
-            f"slice spacing is not uniform ({steps.min():.3f}..{steps.max():.3f} mm); missing slices?",
+            hint or f"slice spacing is not uniform ({steps.min():.3f}..{steps.max():.3f} mm); missing slices?",
         )
     lps = np.eye(4)
     lps[:3, 0] = row_dir * col_spacing  # column index i runs along the row direction
@@ -206,7 +391,12 @@ def _pixels(path: Path, ds: Any) -> np.ndarray:
         raise read_error(path, f"slice pixel data has shape {arr.shape}; need one grey-value frame")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    if "ModalityLUTSequence" in ds or not (slope.is_integer() and intercept.is_integer()):
+    # int32 only when every stored value times the slope plus the intercept fits it; otherwise
+    # float64, where a huge slope (1e36) becomes a value hu_array refuses instead of an overflow
+    stored_max = float(max(abs(int(arr.min())), abs(int(arr.max())))) if arr.size and arr.dtype.kind in "iu" else 0.0
+    exact = (arr.dtype.kind in "iub" and slope.is_integer() and intercept.is_integer()
+             and abs(slope) * stored_max + abs(intercept) < 2**31)
+    if "ModalityLUTSequence" in ds or not exact:
         return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     return arr.astype(np.int32) * int(slope) + int(intercept)
 
@@ -217,39 +407,53 @@ def read_dicom_series(path: Path, *, progress: ProgressCallback | None = None) -
     Raises:
         CTReadError: anything wrong with the files, as one line naming the file or folder.
     """
+    with _capture_pydicom_log() as log:  # pydicom logs damaged files as warnings: keep them off stderr
+        try:
+            with warnings.catch_warnings(), np.errstate(all="ignore"):  # pydicom warns about every malformed value
+                warnings.simplefilter("ignore")
+                return _read_series(path, progress, log)
+        except CTReadError:
+            raise
+        except Exception as exc:  # lazily parsed DICOM values can fail anywhere
+            raise read_error(path, _with_pydicom_note(f"invalid DICOM data ({type(exc).__name__}: {exc})", log)) from exc
+
+
+def _slice_bytes_per_voxel(ds: Any) -> int:
+    """Peak bytes per voxel of decoding: int32 (or float64 when rescaled by non-integers) slices, the stack, the HU copy."""
     try:
-        with warnings.catch_warnings():  # pydicom warns about every malformed value
-            warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
-            return _read_series(path, progress)
-    except CTReadError:
-        raise
-    except Exception as exc:  # lazily parsed DICOM values can fail anywhere
-        raise read_error(path, f"invalid DICOM data ({type(exc).__name__}: {exc})") from exc
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        integer = slope.is_integer() and intercept.is_integer() and "ModalityLUTSequence" not in ds
+    except (TypeError, ValueError):
+        integer = False
+    return 4 + 4 + 2 if integer else 8 + 8 + 4
 
 
-def _read_series(path: Path, progress: ProgressCallback | None) -> CTVolume:
+def _read_series(path: Path, progress: ProgressCallback | None, log: _PydicomLog | None = None) -> CTVolume:
     import pydicom
 
     folder, items = _collect(path, progress)
     items, affine = _geometry(folder, items)
     n = len(items)
+    first = items[0][1]
+    check_memory(folder, (n, int(first.Rows), int(first.Columns)), _slice_bytes_per_voxel(first),
+                 what=f"decoding its {n} slices")
     slices = []
     for k, (f, _) in enumerate(items):
         report(progress, n + k, 2 * n, f"decoding {folder.name} slice {k + 1}/{n}")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(str(f))
-                slices.append(_pixels(f, ds))
+            ds = pydicom.dcmread(str(f))
+            slices.append(_pixels(f, ds))
         except CTReadError:
             raise
         except Exception as exc:
-            raise read_error(f, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+            message = f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})"
+            raise read_error(f, _with_pydicom_note(message, log)) from exc
     if len({s.shape for s in slices}) > 1:
         raise read_error(folder, "decoded slices have different sizes")
     data = np.stack(slices)  # (k, j, i): slice, row, column
+    del slices
     array = np.ascontiguousarray(hu_array(data, folder))
-    first = items[0][1]
     meta: dict[str, Any] = {"path": str(path), "format": "dicom", "folder": str(folder)}
     for key in ("SeriesInstanceUID", "StudyInstanceUID", "Modality"):
         meta[key] = str(first.get(key, "") or "")
@@ -304,11 +508,14 @@ def _fill_missing_uids(sources: list[Any], like: CTVolume) -> None:
         logger.warning("source DICOM series lacks %s (anonymised?); filled them in for the DICOM-SEG", ", ".join(sorted(filled)))
 
 
-def write_dicom_seg(labels: np.ndarray, *, like: CTVolume, path: Path, names: Mapping[int, str]) -> None:
+def write_dicom_seg(
+    labels: np.ndarray, *, like: CTVolume, path: Path, names: Mapping[int, str], save_to: Path | None = None
+) -> None:
     """Write ``labels`` (display order, on ``like``'s grid) as a binary DICOM Segmentation.
 
     One segment per label value in ``names`` (the values present), numbered 1..N in increasing
-    label value, SegmentLabel = name; frames reference ``like``'s source slices.
+    label value, SegmentLabel = name; frames reference ``like``'s source slices. Errors name
+    ``path``; the file is saved to ``save_to`` when given (the temporary file of an atomic write).
     """
     import highdicom as hd
     import pydicom
@@ -367,4 +574,4 @@ def write_dicom_seg(labels: np.ndarray, *, like: CTVolume, path: Path, names: Ma
         series_description="napari-ctvlp labels",
         content_label="CTVLP",
     )
-    seg.save_as(str(path))
+    seg.save_as(str(save_to if save_to is not None else path))

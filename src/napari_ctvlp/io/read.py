@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +17,12 @@ from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
 from napari_ctvlp.io._common import (
     DICOM_SUFFIXES,
     ITK_SUFFIXES,
+    MAX_GZIP_RATIO,
     NIFTI_SUFFIXES,
     CTReadError,
     as_3d,
     axcodes,
+    check_memory,
     hu_array,
     is_dicom_file,
     path_suffix,
@@ -41,19 +45,59 @@ def _quiet_nibabel() -> Iterator[None]:
         nib_logger.setLevel(level)
 
 
-def _check_nifti_size(path: Path, img: Any) -> None:
-    """Fail early, with a clear message, when an uncompressed ``.nii`` is shorter than its header says.
+def _raw_nifti_header(path: Path, img: Any) -> Any:
+    """The header as stored in the file: nibabel's ``nib.load`` silently "fixes" some fields (pixdim 0 -> 1)."""
+    from nibabel.openers import ImageOpener
 
-    (A truncated ``.nii.gz`` is detected by gzip while decompressing; its trailer cannot be
-    trusted as a size because multi-member gzip files are valid.)
+    with ImageOpener(str(path), "rb") as fh:
+        return type(img.header).from_fileobj(fh, check=False)
+
+
+def _check_nifti_voxel_size(path: Path, raw: Any) -> None:
+    """Refuse a zero / non-finite voxel size when the affine in use is built from ``pixdim``.
+
+    With ``sform_code > 0`` the sform gives the geometry (its own singularity is checked by
+    :func:`_check_affine`); otherwise nibabel builds the affine from ``pixdim[1:4]`` and would
+    replace a 0 by 1 mm without a word.
     """
-    if path_suffix(path) != ".nii":
+    if int(raw["sform_code"]) > 0:
         return
+    pixdim = np.asarray(raw["pixdim"], dtype=float)[1:4]
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim == 0):
+        values = ", ".join(f"{v:g}" for v in pixdim)
+        raise read_error(
+            path, f"zero or invalid voxel size in the header (pixdim {values}, no sform): the voxel spacing is unknown"
+        )
+
+
+def _check_nifti_size(path: Path, img: Any) -> None:
+    """Fail before reading the voxels when the header claims more data than the file can hold or memory allows.
+
+    * ``.nii``: the file must hold ``vox_offset + voxels * itemsize`` bytes.
+    * ``.nii.gz``: DEFLATE cannot compress more than ~1032:1, so a file of ``n`` bytes holds at
+      most ``n * MAX_GZIP_RATIO`` bytes (the gzip ISIZE trailer is only the size modulo 2**32
+      and only of the last member, so it is not used).
+    * both: the estimated peak memory of the read must fit :func:`~._common.memory_budget`.
+    """
     hdr = img.header
-    need = int(hdr.get_data_offset()) + int(np.prod(img.shape, dtype=np.int64)) * hdr.get_data_dtype().itemsize
+    itemsize = hdr.get_data_dtype().itemsize
+    voxels = int(np.prod(img.shape, dtype=np.int64))
+    need = int(hdr.get_data_offset()) + voxels * itemsize
     size = path.stat().st_size
-    if size < need:
+    suffix = path_suffix(path)
+    if suffix == ".nii" and size < need:
         raise read_error(path, f"file is truncated: header needs {need} bytes, file has {size}")
+    if suffix == ".nii.gz" and size * MAX_GZIP_RATIO < need:
+        raise read_error(
+            path,
+            f"file is truncated or corrupt: the header claims {voxels * itemsize} bytes of image data, but a "
+            f"{size}-byte gzip file can hold at most {size * MAX_GZIP_RATIO}",
+        )
+    slope, inter = hdr.get_slope_inter()
+    scaled = not (slope in (None, 1.0) and inter in (None, 0.0))
+    # file data (twice when it is gunzipped into a buffer first) + float64 scaling + HU copy + transpose
+    per_voxel = itemsize * (2 if suffix == ".nii.gz" else 1) + (8 if scaled else 0) + 8
+    check_memory(path, tuple(img.shape), per_voxel)
 
 
 def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
@@ -73,14 +117,18 @@ def _load_nifti(path: Path, what: str = "NIfTI") -> tuple[np.ndarray, np.ndarray
     import nibabel as nib
 
     try:
-        with _quiet_nibabel():  # nibabel prints header fixes to stderr
+        # nibabel prints header fixes to stderr, and numpy warns about NaN/overflow in crafted
+        # headers (qform from NaN pixdim, scaling): every problem is reported by one CTReadError
+        with _quiet_nibabel(), np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             img = nib.load(str(path))
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
                 raise read_error(path, f"is not a NIfTI image ({type(img).__name__})")
             shape = as_3d(img.shape, path)
+            _check_nifti_voxel_size(path, _raw_nifti_header(path, img))
             affine = _check_affine(img.affine, path)
             _check_nifti_size(path, img)
-            data = np.asanyarray(img.dataobj).reshape(shape)
+            data = np.asanyarray(img.dataobj).reshape(shape)  # scaling overflows: checked by hu_array
     except CTReadError:
         raise
     except Exception as exc:  # nibabel/gzip/zlib/numpy raise many types on corrupt files
@@ -113,6 +161,14 @@ def _itk_affine(image: Any) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def _itk_bytes_per_component(reader: Any) -> int:
+    """Bytes per voxel component of the file SimpleITK is about to read (8 when unknown)."""
+    import SimpleITK as sitk
+
+    match = re.match(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    return max(1, int(match.group(1)) // 8) if match else 8
+
+
 def _read_itk(path: Path, progress: ProgressCallback | None) -> CTVolume:
     import SimpleITK as sitk
 
@@ -125,6 +181,7 @@ def _read_itk(path: Path, progress: ProgressCallback | None) -> CTVolume:
         if reader.GetNumberOfComponents() != 1:
             raise read_error(path, f"has {reader.GetNumberOfComponents()} components per voxel; need a scalar image")
         as_3d(size, path)
+        check_memory(path, size, 2 * _itk_bytes_per_component(reader) + 8)
         image = reader.Execute()
         if image.GetDimension() != 3:
             raise read_error(path, f"is a {image.GetDimension()}D image; need a 3D volume")

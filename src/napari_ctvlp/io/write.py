@@ -36,18 +36,38 @@ def _umask() -> int:
     return mask
 
 
+def _naming_target(exc: BaseException, tmp: Path, path: Path) -> BaseException | None:
+    """``exc`` re-made to name ``path`` where it names the temporary file ``tmp`` (None: leave it)."""
+    text = str(exc)
+    if str(tmp) not in text and tmp.name not in text and getattr(exc, "filename", None) != str(tmp):
+        return None
+    try:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return type(exc)(exc.errno, exc.strerror, str(path))
+        return type(exc)(text.replace(str(tmp), str(path)).replace(tmp.name, path.name))
+    except Exception:  # noqa: BLE001 - an exception type with another signature: keep the original
+        return None
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file in ``path``'s folder, then ``os.replace`` it.
 
     The temporary name keeps ``path``'s suffix (``.nii.gz`` etc.) so writers that pick the
-    format from the name behave the same. The temporary file is removed on failure.
+    format from the name behave the same. The temporary file is removed on failure, and an
+    error that names it is re-raised naming ``path`` instead (the user never chose the temp name).
     """
     suffix = path_suffix(path) or ".tmp"
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path_stem(path)}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as exc:
+            renamed = _naming_target(exc, tmp, path)
+            if renamed is None:
+                raise
+            raise renamed from exc
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the user's usual mode
         os.replace(tmp, path)
     finally:
@@ -142,7 +162,8 @@ def write_labels(
         from napari_ctvlp.io.dicom import write_dicom_seg
 
         _check_targets([target], overwrite)
-        return [atomic_write(target, lambda tmp: write_dicom_seg(labels, like=like, path=tmp, names=value_names))]
+        return [atomic_write(target, lambda tmp: write_dicom_seg(labels, like=like, path=target, names=value_names,
+                                                                   save_to=tmp))]
 
     sidecar = target.with_name(path_stem(target) + ".json")
     _check_targets([target, sidecar], overwrite)
