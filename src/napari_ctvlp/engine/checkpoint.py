@@ -320,6 +320,12 @@ def save_checkpoint(
     return out
 
 
+#: Tensors of layers that older versions stored and this one no longer has; dropped on load.
+#: ``tag_decoder.map_q/map_k``: a separate map projection that no loss trained (the pixel-tag maps
+#: are now the decoder's own cross-attention weights).
+RETIRED_TENSOR_PREFIXES: tuple[str, ...] = ("tag_decoder.map_q.", "tag_decoder.map_k.")
+
+
 def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoint:
     """Load and validate a checkpoint written by :func:`save_checkpoint`.
 
@@ -389,6 +395,10 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
         tensors = load_file(str(weights), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    retired = [k for k in tensors if k.startswith(RETIRED_TENSOR_PREFIXES) and k not in expected]
+    if retired:
+        logger.info("%s: ignoring %d tensor(s) of retired layers (%s)", weights, len(retired), ", ".join(retired))
+        tensors = {k: v for k, v in tensors.items() if k not in set(retired)}
     wanted = [k for k in expected if k not in set(frozen)]
     problems = [f"missing tensor {k!r}" for k in wanted if k not in tensors]
     problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected or k in set(frozen)]
@@ -412,12 +422,6 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
     card_path = directory / CARD_NAME
     meta = {k: v for k, v in doc.items() if k not in ("architecture", "preprocessing")}
     meta["version"] = doc.get("napari_ctvlp_version")
-#: Tensors of layers that older versions stored and this one no longer has; dropped on load.
-#: ``tag_decoder.map_q/map_k``: a separate map projection that no loss trained (the pixel-tag maps
-#: are now the decoder's own cross-attention weights).
-RETIRED_TENSOR_PREFIXES: tuple[str, ...] = ("tag_decoder.map_q.", "tag_decoder.map_k.")
-
-
     return LoadedCheckpoint(
         model=model,
         config=config,
@@ -434,7 +438,3 @@ def default_checkpoint_path() -> Path | None:
 
     path = Path(napari_ctvlp.__file__).resolve().parent / "models" / "ctvlp_phantom_demo"
     return path if (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file() else None
-    retired = [k for k in tensors if k.startswith(RETIRED_TENSOR_PREFIXES) and k not in expected]
-    if retired:
-        logger.info("%s: ignoring %d tensor(s) of retired layers (%s)", weights, len(retired), ", ".join(retired))
-        tensors = {k: v for k, v in tensors.items() if k not in set(retired)}
