@@ -169,6 +169,98 @@ def sniff_unsafe(path: Path) -> str | None:
     return "it has no safetensors header"
 
 
+#: Bytes per element of the safetensors dtypes (``BOOL`` .. ``F64``).
+_SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
+}
+#: Largest safetensors JSON header read (the format itself caps it at 100 MB).
+_MAX_SAFETENSORS_HEADER = 100_000_000
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (dtype, shape)}`` from the JSON header of a safetensors file, without loading tensors.
+
+    Every entry is checked against the file: known dtype, non-negative shape, byte range inside
+    the data section and of exactly ``prod(shape) * itemsize`` bytes.
+
+    Raises:
+        CheckpointError: the header is missing, too large, not JSON or inconsistent with the file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise CheckpointError(f"{path}: safetensors header length {n} does not fit the {size}-byte file")
+        raw = fh.read(n)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, entry in doc.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = str(entry["dtype"])
+            shape = tuple(int(v) for v in entry["shape"])
+            begin, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed safetensors header entry {name!r}") from exc
+        itemsize = _SAFETENSORS_DTYPE_BYTES.get(dtype)
+        if itemsize is None or any(v < 0 for v in shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r} / shape {shape} that cannot be loaded")
+        count = 1
+        for v in shape:
+            count *= v
+        if not 0 <= begin <= end <= data_size or end - begin != count * itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({dtype}, shape {shape}) claims bytes {begin}..{end} but the file's "
+                f"data section has {data_size} bytes (truncated or corrupt file)"
+            )
+        out[str(name)] = (dtype, shape)
+    return out
+
+
+def architecture_min_parameters(config: CTVLPConfig) -> int:
+    """A lower bound of the parameter count of the image encoder ``config`` describes, without building it.
+
+    Per ViT block at least ``qkv + proj`` (``4 C^2``) and the MLP (``2 C M``), plus the patch
+    embedding and the position embedding; the text side, decoder and biases are not counted.
+    """
+    c, m = int(config.hidden_size), int(config.mlp_dim)
+    tokens = 1
+    patch = int(config.in_channels)
+    for s, p in zip(config.image_size, config.patch_size):
+        tokens *= int(s) // int(p)
+        patch *= int(p)
+    return int(config.depth) * (4 * c * c + 2 * c * m) + tokens * c + patch * c
+
+
+def _check_size_against_weights(config: CTVLPConfig, header: dict[str, tuple[str, tuple[int, ...]]],
+                                config_path: Path, weights: Path) -> None:
+    """Refuse an architecture larger than the weights file before the model is built (and allocated)."""
+    stored = 0
+    for _dtype, shape in header.values():
+        count = 1
+        for v in shape:
+            count *= v
+        stored += count
+    need = architecture_min_parameters(config)
+    if need > stored:
+        raise CheckpointError(
+            f"{config_path}: its architecture (ViT width {config.hidden_size}, depth {config.depth}, MLP "
+            f"{config.mlp_dim}, input {config.image_size}) has at least {need:,} image-encoder parameters, but "
+            f"{weights.name} holds only {stored:,}; refusing to build it (config.json does not belong to these weights)"
+        )
+
+
 def _refuse_pickle(path: Path) -> CheckpointError:
     return CheckpointError(
         f"refusing to load {path}: pickle-based checkpoints (.pt/.pth/.bin/.ckpt/.pkl) can execute code "
@@ -335,8 +427,9 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
 
     Raises:
         CheckpointError: pickle files (never unpickled), unknown format or version, missing or
-            unknown architecture keys, an unknown anatomy table, missing/unexpected tensors or
-            shape mismatches (each named).
+            unknown architecture keys, an unknown anatomy table, an architecture larger than the
+            weights file holds (checked from the safetensors header before the model is built),
+            missing/unexpected tensors or shape mismatches (each named).
     """
     import torch
     from safetensors.torch import load_file
@@ -383,6 +476,8 @@ def load_checkpoint(path: str | Path, *, device: str = "cpu") -> LoadedCheckpoin
             f"text_encoder {config.text_encoder!r}"
         )
 
+    header = read_safetensors_header(weights)  # shapes only, nothing loaded
+    _check_size_against_weights(config, header, config_path, weights)
     try:
         model = CTVLP(config)
     except ValueError as exc:
