@@ -1,6 +1,7 @@
 """Command line: ``napari-ctvlp detect|segment|phantom|bench ...``.
 
-Every sub-command turns bad input into a one-line message on stderr and exit code 2.
+Every sub-command turns bad input, and any other failure, into a one-line message on stderr and
+exit code 2, never a traceback (``-v`` logs the traceback).
 Heavy modules are imported inside the sub-commands so ``--help`` is instant.
 """
 
@@ -49,12 +50,25 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     )
 
 
+def _check_segment_device(device: str, backend: str) -> str:
+    """The device ``segment`` runs on; refuses an unavailable one (as ``detect`` does), whatever the backend."""
+    if device == "cpu":
+        return device  # no torch import needed
+    from napari_ctvlp.engine.pipeline import resolve_device
+
+    dev = resolve_device(device)  # ValueError: "device 'cuda' requested but CUDA is not available ..."
+    if backend == "threshold" and dev != "cpu":
+        logging.getLogger(__name__).info("the threshold backend runs on the CPU (device %s is not used)", dev)
+    return dev
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     from napari_ctvlp.engine.segmentation import segment
     from napari_ctvlp.io import read_ct, write_labels
 
+    device = _check_segment_device(args.device, args.backend)
     volume = read_ct(args.input)
-    result = segment(volume, backend=args.backend, device=args.device, fast=not args.full)
+    result = segment(volume, backend=args.backend, device=device, fast=not args.full)
     paths = write_labels(result.labels, like=volume, path=args.out, names=result.names, overwrite=args.overwrite)
     for p in paths:
         print(p)
@@ -159,13 +173,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"napari-ctvlp {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"napari-ctvlp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - never a traceback: one line, exit 2 (-v logs the traceback)
+        logging.getLogger(__name__).debug("napari-ctvlp %s failed", args.command, exc_info=True)
+        print(f"napari-ctvlp {args.command}: error: {_exception_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _exception_line(exc: BaseException, limit: int = 500) -> str:
+    """One line for the user: the message, prefixed by the type for unexpected (non input/OS) errors."""
+    message = " ".join(str(exc).split())
+    if not isinstance(exc, (ValueError, OSError, RuntimeError)):
+        message = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    message = message or type(exc).__name__
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover
