@@ -52,11 +52,13 @@ class EvaluationResult:
     metrics: dict[str, Any]
 
 
-def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
+def binary_metrics(y_true: np.ndarray, score: np.ndarray, *, threshold: float | None = None) -> dict[str, float]:
     """The DESIGN.md metrics of one abnormality (NaN when only one class is present).
 
     AUC is :func:`sklearn.metrics.roc_auc_score`; the threshold is the ROC point (of
-    :func:`sklearn.metrics.roc_curve`) closest to (0, 1); the other metrics follow from the
+    :func:`sklearn.metrics.roc_curve`) closest to (0, 1) -- chosen on these very scores, so the
+    metrics below are optimistic -- unless ``threshold`` is given (an operating point chosen on
+    another split, :func:`choose_operating_points`); the other metrics follow from the
     confusion matrix at that threshold (weighted F1 = support-weighted mean of both classes' F1,
     as ``f1_score(average="weighted")``; precision of the positive class).
     """
@@ -67,12 +69,15 @@ def binary_metrics(y_true: np.ndarray, score: np.ndarray) -> dict[str, float]:
     keep = ~np.isnan(s) & (y >= 0)
     y, s = y[keep], s[keep]
     out = {k: float("nan") for k in METRIC_KEYS}
-    out.update(n=int(len(y)), n_positive=int(y.sum()), threshold=float("nan"))
+    out.update(n=int(len(y)), n_positive=int(y.sum()),
+               threshold=float("nan") if threshold is None else float(threshold))
     if len(y) == 0 or y.min() == y.max():
         return out
-    fpr, tpr, thr = roc_curve(y, s)
-    best = int(np.argmin(fpr**2 + (1.0 - tpr) ** 2))
-    threshold = float(thr[best]) if np.isfinite(thr[best]) else float(np.nextafter(s.max(), np.inf))
+    if threshold is None or not math.isfinite(float(threshold)):
+        fpr, tpr, thr = roc_curve(y, s)
+        best = int(np.argmin(fpr**2 + (1.0 - tpr) ** 2))
+        threshold = float(thr[best]) if np.isfinite(thr[best]) else float(np.nextafter(s.max(), np.inf))
+    threshold = float(threshold)
     pred = s >= threshold
     pos = y == 1
     tp, fp = int((pred & pos).sum()), int((pred & ~pos).sum())
@@ -102,10 +107,51 @@ def _mean_metrics(per_abnormality: dict[str, dict[str, float]]) -> dict[str, flo
     return out
 
 
-def metrics_table(labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
-    """Per-abnormality metrics and their mean; ``labels``/``probs`` are ``[n_volumes, K]``."""
-    per = {n: binary_metrics(labels[:, k], probs[:, k]) for k, n in enumerate(names)}
+def metrics_table(labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...], *,
+                  thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """Per-abnormality metrics and their mean; ``labels``/``probs`` are ``[n_volumes, K]``.
+
+    ``thresholds``: fixed operating points per abnormality (else each is chosen on these scores).
+    """
+    per = {n: binary_metrics(labels[:, k], probs[:, k], threshold=(thresholds or {}).get(n))
+           for k, n in enumerate(names)}
     return {"per_abnormality": per, "mean": _mean_metrics(per)}
+
+
+def choose_operating_points(labels: np.ndarray, probs: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Per abnormality, the probability threshold at the ROC point closest to (0, 1) on these
+    scores (NaN where the split has one class only). Choose them on a split that is *not* the one
+    reported, and store them with the checkpoint (:func:`store_operating_points`)."""
+    return {n: binary_metrics(labels[:, k], probs[:, k])["threshold"] for k, n in enumerate(names)}
+
+
+def store_operating_points(checkpoint: str | Path, thresholds: dict[str, float], *, chosen_on: dict[str, Any]) -> Path:
+    """Write ``operating_points`` into a checkpoint's ``config.json`` (atomic replace); the app
+    then says positive/negative per finding. Returns the config path."""
+    import os
+    import tempfile
+
+    from napari_ctvlp.engine.checkpoint import CONFIG_NAME
+
+    directory = Path(checkpoint)
+    directory = directory if directory.is_dir() else directory.parent
+    path = directory / CONFIG_NAME
+    doc = json.loads(path.read_text())
+    doc["operating_points"] = {
+        "thresholds": {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in thresholds.items()},
+        "rule": "ROC point closest to (0, 1) of the mean-over-templates probability",
+        "chosen_on": chosen_on,
+    }
+    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(doc, indent=1))
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
@@ -255,6 +301,19 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         lines.append(f"| {name} | {m['n_positive']} / {m['n']} | " + " | ".join(_fmt(m[k]) for k in METRIC_KEYS) + " |")
     mean = metrics["ensemble"]["mean"]
     lines.append("| **mean** | | " + " | ".join(f"**{_fmt(mean[k])}**" for k in METRIC_KEYS) + " |")
+    lines.append("")
+    lines.append("Thresholds above: the ROC point closest to (0, 1) chosen on this split itself (optimistic).")
+    if metrics.get("at_operating_points"):
+        chosen = (metrics.get("operating_points") or {}).get("chosen_on") or {}
+        lines += ["", f"## At the operating points chosen on split `{chosen.get('split')}` "
+                      f"({chosen.get('n_volumes')} volumes, not this split)", "",
+                  "| abnormality | threshold | " + " | ".join(k for k in METRIC_KEYS if k != "auc") + " |",
+                  "|---|---|" + "---|" * (len(METRIC_KEYS) - 1)]
+        for name, m in metrics["at_operating_points"]["per_abnormality"].items():
+            lines.append(f"| {name} | {_fmt(m['threshold'])} | "
+                         + " | ".join(_fmt(m[k]) for k in METRIC_KEYS if k != "auc") + " |")
+        mean = metrics["at_operating_points"]["mean"]
+        lines.append("| **mean** | | " + " | ".join(f"**{_fmt(mean[k])}**" for k in METRIC_KEYS if k != "auc") + " |")
     lines += ["", "## Per prompt template (mean over abnormalities)", "",
               "| template | " + " | ".join(METRIC_KEYS) + " |", "|---|" + "---|" * len(METRIC_KEYS)]
     for t in metrics["per_template"]:
@@ -279,6 +338,8 @@ def evaluate(
     device: str = "cpu",
     segmentation: str = "auto",
     seed: int = 0,
+    operating_split: str | None = None,
+    write_operating_points: bool = False,
     progress: ProgressCallback | None = None,
 ) -> EvaluationResult:
     """Evaluate a checkpoint zero-shot on a cache or a CT-RATE-layout dataset; write the reports.
@@ -291,6 +352,10 @@ def evaluate(
         device: torch device.
         segmentation: how to get organ labels when ``data`` is a dataset root (see ``training.prepare``).
         seed: t-SNE / pair sampling seed.
+        operating_split: another split of the same data on which to choose the operating points
+            (per-finding thresholds); the reported split is then also scored at them. Without it,
+            operating points stored in the checkpoint are used, if any.
+        write_operating_points: store the points chosen on ``operating_split`` in the checkpoint.
         progress: ``progress(done, total, message)``.
     """
     import torch
@@ -299,6 +364,10 @@ def evaluate(
     from napari_ctvlp.engine.preprocess import PreprocessConfig
     from training.prepare import prepare_cache
 
+    if operating_split is not None and operating_split == split:
+        raise ValueError(f"operating points must be chosen on a split other than the one reported ({split!r})")
+    if write_operating_points and operating_split is None:
+        raise ValueError("--write-operating-points needs --operating-split")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_checkpoint(checkpoint, device=device)
@@ -318,10 +387,30 @@ def evaluate(
     else:
         raise ValueError(f"--data {data} is neither a cache folder nor a dataset folder")
 
+    if operating_split is not None and not (cache / operating_split / "manifest.json").is_file() and data.is_dir() \
+            and not (data / "cache.json").is_file():
+        prepare_cache(data, cache, preprocess_config=PreprocessConfig.from_dict(loaded.preprocessing),
+                      split=operating_split, segmentation=segmentation, anatomies=tuple(model.config.anatomies))
     with torch.inference_mode():
         enc = _encode_cache(model, cache, split, device=device, progress=progress)
+        calib = _encode_cache(model, cache, operating_split, device=device, progress=progress) \
+            if operating_split is not None else None
     names, labels = enc["names"], enc["labels"]
     ensemble = metrics_table(labels, enc["probs"], names)
+    operating: dict[str, Any] | None = None
+    if calib is not None:
+        thresholds = choose_operating_points(calib["labels"], calib["probs"], names)
+        operating = {"thresholds": thresholds, "chosen_on": {"data": str(data), "split": operating_split,
+                                                             "n_volumes": int(len(calib["labels"]))}}
+        if write_operating_points:
+            store_operating_points(loaded.path, thresholds, chosen_on=operating["chosen_on"])
+    elif isinstance(loaded.meta.get("operating_points"), dict):
+        stored = loaded.meta["operating_points"]
+        operating = {"thresholds": {k: (float("nan") if v is None else float(v))
+                                    for k, v in stored.get("thresholds", {}).items()},
+                     "chosen_on": stored.get("chosen_on")}
+    at_operating = metrics_table(labels, enc["probs"], names, thresholds=operating["thresholds"]) \
+        if operating is not None else None
     per_template = []
     for p, (pos, neg) in enumerate(PROMPT_TEMPLATES):
         table = metrics_table(labels, enc["per_template"][:, :, p], names)
@@ -338,6 +427,7 @@ def evaluate(
         "anatomy_of": {n: ABNORMALITY_BY_NAME[n].anatomy for n in names},
         "templates": [list(t) for t in PROMPT_TEMPLATES],
         "ensemble": ensemble, "per_template": per_template, "over_templates": over,
+        "operating_points": operating, "at_operating_points": at_operating,
         "geometry": {"inter_anatomy_text_cosine_mean": float(np.mean(sims)) if len(sims) else float("nan"),
                      "inter_anatomy_text_cosine_std": float(np.std(sims)) if len(sims) else float("nan"),
                      "n_pairs": int(len(sims)), "temperature": float(model.temperature())},
@@ -363,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--segmentation", default="auto", help="organ labels for a dataset root (see training.prepare)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--operating-split", default=None,
+                   help="choose per-finding operating points on this other split (e.g. train) and report at them")
+    p.add_argument("--write-operating-points", action="store_true",
+                   help="store the operating points chosen on --operating-split in the checkpoint's config.json")
     return p
 
 
@@ -381,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = evaluate(args.checkpoint, args.data, split=args.split, out=args.out, device=args.device,
-                          segmentation=args.segmentation, seed=args.seed, progress=progress)
+                          segmentation=args.segmentation, seed=args.seed, operating_split=args.operating_split,
+                          write_operating_points=args.write_operating_points, progress=progress)
     except ValueError as exc:
         bar.close()
         logger.error("%s", exc)

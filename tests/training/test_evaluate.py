@@ -107,3 +107,31 @@ def test_binary_metrics_agree_with_scikit_learn() -> None:
         assert m["precision"] == pytest.approx(precision_score(y, pred, zero_division=0))
         assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
         assert m["specificity"] == pytest.approx(recall_score(1 - y, 1 - pred))
+
+
+def test_operating_points_are_chosen_on_another_split_and_stored(tmp_path: Path) -> None:
+    from phantom_cache import tiny_preprocess_config, write_phantoms
+
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+    from training.prepare import prepare_cache
+
+    cache = tiny_cache(tmp_path / "data", n=5, seed=23, split="valid")
+    root = write_phantoms(tmp_path / "data" / "phantoms", n=6, seed=24, split="train")
+    assert prepare_cache(root, cache, preprocess_config=tiny_preprocess_config(), split="train", workers=1).n_failed == 0
+    argv = tiny_argv(cache, tmp_path / "runs", "op", "--max-steps", "1")
+    assert pretrain.main(argv) == 0
+    ckpt = tmp_path / "runs" / "op" / "final"
+    with pytest.raises(ValueError, match="other than the one reported"):
+        ev.evaluate(ckpt, cache, split="valid", operating_split="valid", out=tmp_path / "e0")
+    res = ev.evaluate(ckpt, cache, split="valid", operating_split="train", write_operating_points=True,
+                      out=tmp_path / "e1")
+    op = res.metrics["operating_points"]
+    assert op["chosen_on"]["split"] == "train" and op["chosen_on"]["n_volumes"] == 6
+    at = res.metrics["at_operating_points"]["per_abnormality"]
+    for name, t in op["thresholds"].items():  # the reported split is scored at the other split's points
+        assert at[name]["threshold"] == pytest.approx(t, nan_ok=True) or np.isnan(t)
+    stored = load_checkpoint(ckpt).meta["operating_points"]
+    assert stored["chosen_on"]["split"] == "train" and set(stored["thresholds"]) == set(ABNORMALITY_NAMES)
+    again = ev.evaluate(ckpt, cache, split="valid", out=tmp_path / "e2")  # stored points are used by default
+    assert again.metrics["operating_points"]["chosen_on"]["split"] == "train"
+    assert "At the operating points chosen on split `train`" in (tmp_path / "e2" / "metrics.md").read_text()
