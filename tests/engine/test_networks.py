@@ -357,3 +357,15 @@ def test_cuda_bf16_forward_backward_with_checkpointing() -> None:
     loss.backward()
     assert torch.isfinite(m.vit.patch_embed.weight.grad).all()
     assert torch.isfinite(pooled.embeddings).all() and not pooled.present[:, 1:].any()
+
+
+def test_text_length_buckets_give_the_padded_result() -> None:
+    """Texts of very different lengths run in length buckets; the embeddings are those of one padded batch."""
+    m = CTVLP(CTVLPConfig.tiny()).eval()
+    texts = ["No pleural effusion. " * 20] * 3 + ["Trachea open."] * 9 + ["The heart is normal in size."] * 2
+    batch = m.text.tokenize(texts)
+    with torch.no_grad():
+        got = m.text(batch["input_ids"], batch["attention_mask"])
+        ref = torch.nn.functional.normalize(m.text.projection(m.text._pool(batch["input_ids"], batch["attention_mask"])), dim=-1)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert int(batch["attention_mask"].sum(1).max()) > 2 * int(batch["attention_mask"].sum(1).min())  # buckets used
