@@ -84,7 +84,9 @@ def test_detect_outputs_on_the_input_grid(result, case, tmp_path) -> None:
 
     with open(tmp_path / "out" / "results.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["anatomy", "abnormality", "probability", "std", "assessable", "primary"]
+    assert list(rows[0]) == ["anatomy", "abnormality", "probability", "std", "assessable", "primary",
+                             "threshold", "call"]
+    assert all(r["call"] == "" for r in rows)  # the test checkpoint has no operating points
     primary = [r for r in rows if r["primary"] == "true"]
     assert len(primary) == 18 and sorted(r["abnormality"] for r in primary) == sorted(ABNORMALITY_NAMES)
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -94,6 +96,29 @@ def test_detect_outputs_on_the_input_grid(result, case, tmp_path) -> None:
     with pytest.raises(FileExistsError):
         write_results(result, tmp_path / "out")
     assert write_results(result, tmp_path / "out", overwrite=True)
+
+
+def test_stored_operating_points_give_positive_negative_calls(case, checkpoint, tmp_path) -> None:
+    import shutil
+
+    from training.evaluate import store_operating_points
+
+    ckpt = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    thresholds = {n: 0.5 for n in ABNORMALITY_NAMES}
+    thresholds["Cardiomegaly"] = 0.0  # always positive
+    thresholds["Emphysema"] = 1.01  # never positive
+    store_operating_points(ckpt, thresholds, chosen_on={"split": "calib"})
+    res = detect(case["volume"], checkpoint=str(ckpt), segmentation=case["organs"], device="cpu", heatmaps=False)
+    assert res.checkpoint.operating_points["Cardiomegaly"] == 0.0
+    write_results(res, tmp_path / "out")
+    with open(tmp_path / "out" / "results.csv") as fh:
+        rows = {r["abnormality"]: r for r in csv.DictReader(fh) if r["primary"] == "true"}
+    assert rows["Cardiomegaly"]["call"] == "positive" and rows["Emphysema"]["call"] == "negative"
+    for name, r in rows.items():
+        assert r["call"] == ("positive" if float(r["probability"]) >= float(r["threshold"]) else "negative"), name
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["abnormalities"]["Cardiomegaly"]["call"] == "positive"
+    assert doc["abnormalities"]["Emphysema"]["threshold"] == 1.01
 
 
 def test_missing_anatomy_is_nan_and_null(case, checkpoint, tmp_path) -> None:

@@ -129,6 +129,24 @@ class CheckpointInfo:
     architecture: dict[str, Any]
     preprocessing: dict[str, Any]
     version: str | None = None
+    #: per-finding decision thresholds stored with the checkpoint (chosen on a split other than
+    #: any reported one, ``training.evaluate --operating-split``); empty when it has none
+    operating_points: dict[str, float] = field(default_factory=dict)
+
+    def call(self, abnormality: str, probability: float) -> str | None:
+        """``"positive"``/``"negative"`` at the stored operating point; None without one (or no score)."""
+        threshold = self.operating_points.get(abnormality)
+        if threshold is None or not np.isfinite(threshold) or not np.isfinite(probability):
+            return None
+        return "positive" if probability >= threshold else "negative"
+
+
+def _operating_points(loaded: LoadedCheckpoint) -> dict[str, float]:
+    stored = loaded.meta.get("operating_points")
+    thresholds = stored.get("thresholds") if isinstance(stored, dict) else None
+    if not isinstance(thresholds, dict):
+        return {}
+    return {str(k): float(v) for k, v in thresholds.items() if isinstance(v, (int, float)) and np.isfinite(v)}
 
 
 def _card_name(loaded: LoadedCheckpoint) -> str:
@@ -374,6 +392,7 @@ def detect(
     info = CheckpointInfo(
         path=str(loaded.path), name=_card_name(loaded), architecture=loaded.config.to_dict(),
         preprocessing=prepared.config.to_dict(), version=str(loaded.meta.get("version")) if loaded.meta.get("version") else None,
+        operating_points=_operating_points(loaded),
     )
     return DetectionResult(volume, seg, scores, prompt_scores, maps, timings, info, session, dev)
 

@@ -4,7 +4,8 @@
 
 * ``results.json`` -- every number (NaN as ``null``), input, checkpoint, model card name, timings;
 * ``results.csv`` -- one row per anatomy x abnormality: anatomy, abnormality, probability, std,
-  assessable, primary (empty probability when not assessable);
+  assessable, primary (empty probability when not assessable), and on primary rows the checkpoint's
+  operating point and the call (positive/negative) at it (empty when the checkpoint has none);
 * ``organs.nii.gz`` (+ JSON sidecar with the label names) on the input grid;
 * ``heatmap_<slug>.nii.gz`` per prompt heatmap, on the input grid;
 * ``organ_stats.csv`` -- volume (mL), mean HU and "incomplete" per organ and anatomy group.
@@ -91,6 +92,8 @@ def results_summary(result: DetectionResult) -> dict[str, Any]:
             "std": float("nan") if j is None else scores.std[k, j],
             "assessable": False if j is None else bool(scores.assessable[k, j]),
             "per_template": [] if j is None else scores.per_template[k, j].tolist(),
+            "threshold": result.checkpoint.operating_points.get(ab),
+            "call": None if j is None else result.checkpoint.call(ab, float(scores.probability[k, j])),
         }
     seg = result.segmentation
     vol = result.volume
@@ -210,10 +213,15 @@ def _write_set(result: DetectionResult, folder: Path, heat_names: dict[str, str]
 
     with (folder / RESULTS_CSV).open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["anatomy", "abnormality", "probability", "std", "assessable", "primary"])
+        w.writerow(["anatomy", "abnormality", "probability", "std", "assessable", "primary", "threshold", "call"])
+        ops = result.checkpoint.operating_points
         for row in result.probabilities.rows():
+            primary = bool(row["primary"])
+            threshold = ops.get(row["abnormality"]) if primary else None
+            call = result.checkpoint.call(row["abnormality"], float(row["probability"])) if primary else None
             w.writerow([row["anatomy"], row["abnormality"], _num(row["probability"]), _num(row["std"]),
-                        str(row["assessable"]).lower(), str(row["primary"]).lower()])
+                        str(row["assessable"]).lower(), str(row["primary"]).lower(),
+                        "" if threshold is None else _num(float(threshold)), call or ""])
 
     seg = result.segmentation
     write_labels(seg.labels, like=result.volume, path=folder / ORGANS_NIFTI, names=seg.names, overwrite=True)
