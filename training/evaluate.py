@@ -321,6 +321,14 @@ def markdown_report(metrics: dict[str, Any]) -> str:
     over = metrics["over_templates"]
     lines.append("| **mean +- std** | " + " | ".join(f"{_fmt(over[k]['mean'])} +- {_fmt(over[k]['std'])}"
                                                    for k in METRIC_KEYS) + " |")
+    loc = metrics.get("localisation")
+    if loc:
+        lines += ["", f"## Localisation ({loc['n_pairs']} lesion/finding pairs in {loc['n_scans']} phantoms)", "",
+                  "| map | pointing (<= %g mm) | voxel AUROC | cross-finding correlation |" % loc["tolerance_mm"],
+                  "|---|---|---|---|"]
+        for kind in ("prompt", "tags"):
+            lines.append(f"| {kind} | {_fmt(loc['pointing'][kind])} | {_fmt(loc['voxel_auroc'][kind])} | "
+                         f"{_fmt(loc['cross_finding_correlation'][kind])} |")
     geo = metrics["geometry"]
     lines += ["", "## Embedding geometry", "",
               f"Mean cosine similarity between text embeddings of different anatomies: "
@@ -340,6 +348,8 @@ def evaluate(
     seed: int = 0,
     operating_split: str | None = None,
     write_operating_points: bool = False,
+    localisation_data: str | Path | None = None,
+    localisation_limit: int | None = None,
     progress: ProgressCallback | None = None,
 ) -> EvaluationResult:
     """Evaluate a checkpoint zero-shot on a cache or a CT-RATE-layout dataset; write the reports.
@@ -356,6 +366,9 @@ def evaluate(
             (per-finding thresholds); the reported split is then also scored at them. Without it,
             operating points stored in the checkpoint are used, if any.
         write_operating_points: store the points chosen on ``operating_split`` in the checkpoint.
+        localisation_data: a phantom dataset root with ``lesions/`` maps: add the heatmaps'
+            localisation metrics (:mod:`training.localisation`) of its ``split``.
+        localisation_limit: only the first N volumes of it.
         progress: ``progress(done, total, message)``.
     """
     import torch
@@ -432,6 +445,11 @@ def evaluate(
                      "inter_anatomy_text_cosine_std": float(np.std(sims)) if len(sims) else float("nan"),
                      "n_pairs": int(len(sims)), "temperature": float(model.temperature())},
     }
+    if localisation_data is not None:
+        from training.localisation import evaluate_localisation
+
+        metrics["localisation"] = evaluate_localisation(loaded.path, localisation_data, split=split,
+                                                        limit=localisation_limit, device=device).metrics
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     (out / "metrics.md").write_text(markdown_report(metrics))
     rows = ["volume," + ",".join(f'"{n}"' for n in names) + "," + ",".join(f'"label {n}"' for n in names)]
@@ -455,6 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--operating-split", default=None,
                    help="choose per-finding operating points on this other split (e.g. train) and report at them")
+    p.add_argument("--localisation", default=None, metavar="ROOT",
+                   help="phantom dataset root with lesions/ maps: add pointing game, voxel AUROC and cross-finding "
+                        "correlation of the heatmaps (same --split)")
+    p.add_argument("--localisation-limit", type=int, default=None, help="only the first N volumes for --localisation")
     p.add_argument("--write-operating-points", action="store_true",
                    help="store the operating points chosen on --operating-split in the checkpoint's config.json")
     return p
@@ -476,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate(args.checkpoint, args.data, split=args.split, out=args.out, device=args.device,
                           segmentation=args.segmentation, seed=args.seed, operating_split=args.operating_split,
-                          write_operating_points=args.write_operating_points, progress=progress)
+                          write_operating_points=args.write_operating_points, localisation_data=args.localisation,
+                          localisation_limit=args.localisation_limit, progress=progress)
     except ValueError as exc:
         bar.close()
         logger.error("%s", exc)
@@ -485,6 +508,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean AUC {result.mean_auc:.4f} | over templates {result.template_auc_mean:.4f} +- "
           f"{result.template_auc_std:.4f} | inter-anatomy text cosine {result.inter_anatomy_text_cosine:.4f} "
           f"-> {result.out_dir}")
+    loc = result.metrics.get("localisation")
+    if loc:
+        print("localisation: " + "; ".join(
+            f"{k} pointing {loc['pointing'][k]:.3f} voxel AUROC {loc['voxel_auroc'][k]:.3f} "
+            f"cross-finding r {loc['cross_finding_correlation'][k]:.3f}" for k in ("prompt", "tags"))
+            + f" ({loc['n_pairs']} pairs)")
     sup = result.metrics["supervision"]
     print(f"labels seen in training: label file {sup.get('label_file_used')}; tag targets {sup.get('tag_targets')}; "
           f"finding tags from report text: {len(sup.get('finding_tags_from_report_text') or [])}")
