@@ -1,8 +1,11 @@
 """napari reader contribution: CT volumes (NIfTI, DICOM series, NRRD/MHA/MHD) as Image layers.
 
-Thin over :func:`napari_ctvlp.io.read_ct`. Layers get ``scale`` = voxel spacing (mm, display
-order) and **no** ``translate``/``affine``: the volume is shown in its voxel axes so that every
-layer computed on the same grid (labels, heatmaps) overlays with the same ``scale``. The exact
+Thin over :func:`napari_ctvlp.io.read_ct`. Layers are shown radiologically (axial: anterior up,
+the patient's right on the screen's left; coronal and sagittal: head up) in the display frame
+of :mod:`napari_ctvlp._layers`: ``scale`` = signed voxel spacing (mm), ``translate`` = the
+position of the first voxel, axis labels ``S->I``, ``A->P``, ``R->L``, units mm. Every layer
+computed on the same grid (labels, heatmaps) is shown with the same
+:class:`~napari_ctvlp._layers.DisplayGeometry` (``metadata["ctvlp_display"]``). The exact
 voxel -> RAS geometry travels in ``metadata["ctvlp"]["affine"]`` and in the
 :class:`~napari_ctvlp.engine.volume.CTVolume` under ``metadata["ctvlp_volume"]``.
 
@@ -66,7 +69,14 @@ def napari_get_reader(path: str | os.PathLike[str] | Sequence[str | os.PathLike[
 
 
 def layer_data(volume: CTVolume, *, name: str | None = None) -> LayerData:
-    """The napari Image layer tuple for a :class:`CTVolume`."""
+    """The napari Image layer tuple for a :class:`CTVolume`, shown radiologically.
+
+    The data is ``volume.array`` (transposed, as a view, only for non-axial voxel orders); the
+    layer's ``scale``/``translate`` place it in the display frame of :mod:`napari_ctvlp._layers`
+    (mm, axis labels ``S->I``, ``A->P``, ``R->L``).
+    """
+    from napari_ctvlp._layers import image_layer_kwargs
+
     source = Path(str(volume.meta.get("path", "volume")))
     info = {
         "affine": [[float(v) for v in row] for row in volume.affine],
@@ -76,14 +86,16 @@ def layer_data(volume: CTVolume, *, name: str | None = None) -> LayerData:
         "format": volume.meta.get("format", "unknown"),
         "window_presets": {k: list(v) for k, v in io.WINDOW_PRESETS.items()},
     }
+    base = image_layer_kwargs(volume)
+    geometry = base["metadata"]["ctvlp_display"]
     kwargs = {
+        **base,
         "name": name or io.path_stem(source),
-        "scale": tuple(float(s) for s in volume.spacing),
         "colormap": "gray",
         "contrast_limits": io.contrast_limits(io.DEFAULT_WINDOW),
-        "metadata": {"ctvlp": info, "ctvlp_volume": volume},
+        "metadata": {"ctvlp": info, **base["metadata"]},
     }
-    return (volume.array, kwargs, "image")
+    return (geometry.to_display(volume.array), kwargs, "image")
 
 
 def read_layers(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[LayerData]:

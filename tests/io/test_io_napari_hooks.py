@@ -40,7 +40,10 @@ def test_reader_layer_for_nifti(tiny_nifti: Path) -> None:
     assert kind == "image"
     assert np.array_equal(data, vol.array)
     assert kwargs["name"] == "tiny"
-    assert kwargs["scale"] == pytest.approx((2.5, 0.6, 0.8))
+    # radiological display frame (inferior, posterior, patient's left): the LPS file's slice axis is flipped
+    assert kwargs["scale"] == pytest.approx((-2.5, 0.6, 0.8))
+    assert kwargs["translate"] == pytest.approx((-30.0, 7.25, -12.5))
+    assert kwargs["axis_labels"] == ("S\u2192I", "A\u2192P", "R\u2192L") and kwargs["units"] == ("mm",) * 3
     assert kwargs["colormap"] == "gray"
     assert kwargs["contrast_limits"] == contrast_limits("mediastinum")
     info = kwargs["metadata"]["ctvlp"]
@@ -53,7 +56,7 @@ def test_reader_layer_for_nifti(tiny_nifti: Path) -> None:
 
 def test_reader_dicom_folder_file_and_list(tiny_series: Path, tiny_nifti: Path) -> None:
     (layer,) = napari_get_reader(str(tiny_series))(str(tiny_series))
-    assert layer[1]["name"] == "series" and layer[1]["scale"] == pytest.approx((2.0, 0.5, 0.75))
+    assert layer[1]["name"] == "series" and np.abs(layer[1]["scale"]) == pytest.approx((2.0, 0.5, 0.75))
     one = sorted(tiny_series.iterdir())[0]
     assert napari_get_reader(str(one)) is not None
     paths = [str(tiny_series), str(tiny_nifti)]

@@ -304,6 +304,7 @@ def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, t
     _detect(widget, qtbot)
     assert widget.task.outcome.ok, widget.task.outcome.error
     organs = viewer.layers[f"{ct.name} organs (detected)"]
-    np.testing.assert_allclose(organs.scale, (3.0, 3.0, 3.0))
+    np.testing.assert_allclose(organs.scale, ct.scale)
+    np.testing.assert_allclose(organs.translate, ct.translate)
     assert np.array_equal(organs.data, seg.labels)
     assert widget.results_table.rowCount() == N_ROWS

@@ -19,7 +19,7 @@ def test_open_nifti_through_plugin_reader(make_napari_viewer, realdata: Path) ->
     assert len(layers) == 1
     layer = layers[0]
     assert layer.data.shape == (112, 101, 122)  # display order: (k, j, i)
-    np.testing.assert_allclose(layer.scale, (3.0, 3.0, 3.0))
+    np.testing.assert_allclose(layer.scale, (-3.0, -3.0, -3.0))  # RAS file, shown radiologically (I, P, L)
     presets = layer.metadata["ctvlp"]["window_presets"]
     assert {"lung", "mediastinum", "bone"} <= set(presets)
     level, width = presets["mediastinum"]
@@ -32,7 +32,7 @@ def test_open_dicom_series_folder(make_napari_viewer, realdata: Path) -> None:
     layers = viewer.open(str(realdata / "example_ct_dicom"), plugin="napari-ctvlp", stack=False)
     assert len(layers) == 1
     assert layers[0].data.shape == (20, 512, 512)
-    np.testing.assert_allclose(layers[0].scale, (2.0, 0.977, 0.977), atol=1e-3)
+    np.testing.assert_allclose(layers[0].scale, (-2.0, 0.977, 0.977), atol=1e-3)  # LPS: slice axis flipped
 
 
 def test_unreadable_file_gives_error_and_keeps_layers(make_napari_viewer, tmp_path: Path) -> None:

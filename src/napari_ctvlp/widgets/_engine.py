@@ -14,7 +14,17 @@ from typing import Any
 
 import numpy as np
 
-from napari_ctvlp.engine.anatomy import ANATOMY_BY_NAME, organ_label_names
+from napari_ctvlp._layers import (
+    DISPLAY_AXIS_LABELS,
+    LABEL_KIND_KEY,
+    ORGAN_KIND,
+    TOTALSEG_KIND,
+    VOLUME_KEY,
+    DisplayGeometry,
+    layer_geometry,
+    volume_affine_from_layer,
+)
+from napari_ctvlp.engine.anatomy import ANATOMY_BY_NAME, ORGAN_LABELS, organ_label_names
 from napari_ctvlp.engine.volume import CTVolume, ProgressCallback
 from napari_ctvlp.widgets.export_panel import ExportSource
 from napari_ctvlp.widgets.results_table import ResultRow
@@ -23,14 +33,32 @@ logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------ layers
+def layer_kind(layer: Any) -> str:
+    """``"image"``, ``"labels"``, ... of a napari layer (public API only)."""
+    return type(layer).__name__.lower()
+
+
+def layer_display(layer: Any, volume: CTVolume | None = None) -> DisplayGeometry:
+    """How ``layer`` shows its CT: the reader's :class:`DisplayGeometry`, or the identity (the
+    layer data *is* the volume array) for layers made elsewhere."""
+    geometry = layer_geometry(layer.metadata)
+    vol = volume if volume is not None else layer.metadata.get(VOLUME_KEY)
+    if geometry is not None and isinstance(vol, CTVolume) and geometry.display_shape(vol.shape) == tuple(
+            layer.data.shape):
+        return geometry
+    return DisplayGeometry(scale=tuple(float(s) for s in np.asarray(layer.scale)[-3:]),  # type: ignore[arg-type]
+                           translate=tuple(float(t) for t in np.asarray(layer.translate)[-3:]))  # type: ignore[arg-type]
+
+
 def layer_volume(layer: Any) -> CTVolume:
     """The CT of an Image layer: the reader's ``metadata["ctvlp_volume"]`` or one built from
-    ``layer.data`` and ``layer.scale`` (diagonal affine, origin at ``layer.translate``).
+    ``layer.data`` and ``layer.scale``/``translate`` (the RAS affine of our display frame when the
+    layer has its axis labels, else a diagonal affine).
 
     Raises:
         ValueError: not an Image layer, multiscale, RGB or not 3D.
     """
-    kind = getattr(layer, "_type_string", type(layer).__name__.lower())
+    kind = layer_kind(layer)
     if kind != "image":
         raise ValueError(f"layer {layer.name!r} is a {kind} layer; choose a CT Image layer")
     if getattr(layer, "multiscale", False):
@@ -39,32 +67,127 @@ def layer_volume(layer: Any) -> CTVolume:
         raise ValueError(f"layer {layer.name!r} is an RGB image, not a CT")
     if layer.ndim != 3:
         raise ValueError(f"layer {layer.name!r} has {layer.ndim} dimensions; a 3D CT volume is needed")
-    volume = layer.metadata.get("ctvlp_volume")
-    if isinstance(volume, CTVolume) and tuple(volume.shape) == tuple(layer.data.shape):
-        return volume
+    volume = layer.metadata.get(VOLUME_KEY)
+    geometry = layer_geometry(layer.metadata)
+    if isinstance(volume, CTVolume):
+        shown = geometry.display_shape(volume.shape) if geometry is not None else volume.shape
+        if tuple(shown) == tuple(layer.data.shape):
+            return volume
     array = np.asarray(layer.data)
     if array.dtype.kind not in "iuf":
         raise ValueError(f"layer {layer.name!r} has {array.dtype} data; CT values (HU) are needed")
-    spacing = tuple(float(s) for s in layer.scale)
-    if min(spacing) <= 0:
-        raise ValueError(f"layer {layer.name!r} has a non-positive scale {spacing}")
-    affine = np.eye(4)
-    affine[:3, :3] = np.diag(spacing[::-1])
-    affine[:3, 3] = np.asarray(layer.translate, dtype=float)[::-1]
-    return CTVolume(array, spacing, affine, ("R", "A", "S"), {"path": layer.name, "format": "layer"})
+    scale = tuple(float(s) for s in layer.scale)
+    if min(abs(s) for s in scale) <= 0:
+        raise ValueError(f"layer {layer.name!r} has a zero scale {scale}")
+    spacing = tuple(abs(s) for s in scale)
+    if tuple(str(a) for a in layer.axis_labels) == DISPLAY_AXIS_LABELS:
+        affine = volume_affine_from_layer(layer.scale, layer.translate)
+    else:
+        affine = np.eye(4)
+        affine[:3, :3] = np.diag(spacing[::-1])
+        affine[:3, 3] = np.asarray(layer.translate, dtype=float)[::-1]
+    from nibabel.orientations import aff2axcodes
+
+    return CTVolume(array, spacing, affine, tuple(aff2axcodes(affine)),  # type: ignore[arg-type]
+                    {"path": layer.name, "format": "layer"})
 
 
-def layer_mask(layer: Any, volume: CTVolume) -> np.ndarray:
-    """An organ label map from a Labels layer, checked against the CT (a copy: never modified)."""
-    kind = getattr(layer, "_type_string", "")
+def _layer_data_to_world(layer: Any) -> np.ndarray:
+    """4x4 matrix of ``layer.data_to_world`` (from the public point mapping)."""
+    ndim = layer.ndim
+    origin = np.asarray(layer.data_to_world(np.zeros(ndim)), dtype=float)[-3:]
+    out = np.eye(4)
+    out[:3, 3] = origin
+    for d in range(3):
+        point = np.zeros(ndim)
+        point[ndim - 3 + d] = 1.0
+        out[:3, d] = np.asarray(layer.data_to_world(point), dtype=float)[-3:] - origin
+    return out
+
+
+def map_signed_permutation(src: np.ndarray, index_map: np.ndarray, dst_shape: tuple[int, ...]) -> np.ndarray | None:
+    """``src`` resampled onto a grid of ``dst_shape`` when ``index_map`` (4x4, src index -> dst
+    index) only permutes, flips and shifts whole voxels and the two grids coincide; else None."""
+    lin, shift = np.asarray(index_map[:3, :3], float), np.asarray(index_map[:3, 3], float)
+    if not np.allclose(np.abs(lin).sum(axis=1), 1.0, atol=1e-3) or not np.allclose(
+            np.abs(lin).max(axis=1), 1.0, atol=1e-3):
+        return None
+    if not np.allclose(shift, np.round(shift), atol=1e-2):
+        return None
+    src_axis = [int(np.argmax(np.abs(lin[r]))) for r in range(3)]
+    if sorted(src_axis) != [0, 1, 2]:
+        return None
+    out = np.asarray(src).transpose(src_axis)
+    if out.shape != tuple(dst_shape):
+        return None
+    for r in range(3):
+        sign, t = float(np.sign(lin[r, src_axis[r]])), int(round(shift[r]))
+        # dst index d = sign * src index + t, for every d in 0..n-1 and src in 0..n-1
+        if sign > 0 and t != 0 or sign < 0 and t != dst_shape[r] - 1:
+            return None
+        if sign < 0:
+            out = np.flip(out, axis=r)
+    return out
+
+
+def layer_mask(layer: Any, volume: CTVolume, *, ct_layer: Any = None) -> np.ndarray:
+    """The label map of a Labels layer on the volume grid of ``volume`` (a copy: never modified).
+
+    The mask may be shown with another voxel order than the CT (a label file read by our reader
+    whose axes are flipped or permuted relative to the CT, or napari's "New labels layer"): it is
+    accepted when it lies on the CT's voxel grid in the world, and mapped onto it.
+
+    Raises:
+        ValueError: not a Labels layer, not integers, or not on the CT's grid.
+    """
+    kind = layer_kind(layer)
     if kind != "labels":
         raise ValueError(f"layer {layer.name!r} is a {kind} layer; the mask must be a Labels layer")
-    data = np.array(layer.data, copy=True)
-    if data.shape != volume.shape:
-        raise ValueError(f"mask layer {layer.name!r} has shape {data.shape} but the CT has {volume.shape}")
+    data = np.asarray(layer.data)
     if data.dtype.kind not in "iub":
         raise ValueError(f"mask layer {layer.name!r} must hold integer labels, got {data.dtype}")
-    return data
+    if data.ndim != 3:
+        raise ValueError(f"mask layer {layer.name!r} has {data.ndim} dimensions; the CT has 3")
+    mask_volume = layer.metadata.get(VOLUME_KEY)
+    mask_geometry = layer_geometry(layer.metadata)
+    out = None
+    if isinstance(mask_volume, CTVolume) and mask_geometry is not None and mask_geometry.display_shape(
+            mask_volume.shape) == data.shape:
+        # exact: the file affines of both (index of mask volume array -> index of CT volume array)
+        index_map = np.linalg.inv(volume.display_affine) @ mask_volume.display_affine
+        out = map_signed_permutation(mask_geometry.from_display(data), index_map, volume.shape)
+    if out is None and ct_layer is not None:
+        ct_geometry = layer_display(ct_layer, volume)
+        index_map = np.linalg.inv(_layer_data_to_world(ct_layer)) @ _layer_data_to_world(layer)
+        shown = map_signed_permutation(data, index_map, tuple(ct_layer.data.shape))
+        out = None if shown is None else ct_geometry.from_display(shown)
+    if out is None and ct_layer is None and data.shape == volume.shape:
+        out = data
+    if out is None:
+        raise ValueError(f"mask layer {layer.name!r} (shape {data.shape}) is not on the CT's voxel grid "
+                         f"(shape {volume.shape}): use a label map computed on this CT")
+    return np.array(out, copy=True)
+
+
+def mask_kind(labels: np.ndarray, metadata: dict[str, Any] | None = None) -> str:
+    """``"organ"`` or ``"totalseg"``: what the values of a mask layer mean.
+
+    The layer metadata says so when our reader or widget made it; otherwise the values decide:
+    TotalSegmentator ``total`` ids run to 117, our organ labels to 15, and every TotalSegmentator
+    map of a CT holds vertebrae, ribs or other ids above 15.
+    """
+    kind = (metadata or {}).get(LABEL_KIND_KEY)
+    if kind in (ORGAN_KIND, TOTALSEG_KIND):
+        return str(kind)
+    top = int(labels.max()) if labels.size else 0
+    return TOTALSEG_KIND if top > max(o.value for o in ORGAN_LABELS) else ORGAN_KIND
+
+
+def mask_segmentation(labels: np.ndarray, volume: CTVolume, kind: str) -> Any:
+    """An ``OrganSegmentation`` of a mask on the volume grid (TotalSegmentator ids mapped)."""
+    from napari_ctvlp.engine.segmentation import from_label_file
+
+    return from_label_file(labels, like=volume, kind=kind)  # type: ignore[arg-type]
 
 
 def organ_layer_kwargs(labels: np.ndarray, volume: CTVolume, names: dict[int, str]) -> dict[str, Any]:

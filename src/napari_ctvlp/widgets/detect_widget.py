@@ -47,6 +47,21 @@ OWN_LAYER_KEY = "ctvlp_widget_layer"
 _GEOMETRY = ("scale", "translate", "rotate", "shear", "affine")
 
 
+def layer_kind_hint(layer: Any) -> str | None:
+    """What a mask layer's values are, when its metadata says so (``"organ"``/``"totalseg"``)."""
+    kind = layer.metadata.get("ctvlp_label_kind")
+    return str(kind) if kind else None
+
+
+def show_scale_bar(viewer: Any) -> None:
+    """Show the viewer's scale bar (its unit follows the layers' units: mm for our CT layers)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)  # napari >= 0.9
+    bar = getattr(overlays, "scale_bar", None) if overlays is not None else None
+    if bar is None:
+        bar = viewer.scale_bar
+    bar.visible = True
+
+
 def _notify(level: str, message: str) -> None:
     from napari.utils.notifications import show_error, show_info, show_warning
 
@@ -150,6 +165,7 @@ class DetectWidget(QWidget):
         layout.addWidget(self.status_label)
         layout.addWidget(self.tabs, 1)
 
+        show_scale_bar(viewer)
         self._fill_checkpoints()
         self._fill_segmentation()
         self._fill_devices()
@@ -170,7 +186,7 @@ class DetectWidget(QWidget):
 
     def _input_layers(self, kind: str) -> list[Any]:
         return [layer for layer in self.viewer.layers
-                if layer._type_string == kind and not layer.metadata.get(OWN_LAYER_KEY)]
+                if _engine.layer_kind(layer) == kind and not layer.metadata.get(OWN_LAYER_KEY)]
 
     def refresh_layers(self, event: Any = None) -> None:
         """Re-list the Image and Labels layers (called when layers are added/removed/renamed)."""
@@ -260,6 +276,7 @@ class DetectWidget(QWidget):
         if layer is None:
             self._message("error", "No CT image layer: open a CT (File > Open) or a sample first.")
             return None
+        mask_kind: str | None = None
         try:
             volume = _engine.layer_volume(layer)
             segmentation: Any = self.segmentation_combo.currentData()
@@ -267,14 +284,17 @@ class DetectWidget(QWidget):
                 mask_layer = self._layer(self.labels_combo.currentText())
                 if mask_layer is None:
                     raise ValueError("'Labels layer...' is selected but there is no Labels layer")
-                segmentation = _engine.layer_mask(mask_layer, volume)
+                segmentation = _engine.layer_mask(mask_layer, volume, ct_layer=layer)
+                mask_kind = layer_kind_hint(mask_layer)
         except ValueError as exc:
             self._message("error", str(exc))
             return None
         geometry = {k: np.array(getattr(layer, k)) if k != "affine" else layer.affine for k in _GEOMETRY}
-        return {"layer_name": layer.name, "volume": volume, "segmentation": segmentation,
+        geometry["units"] = layer.units
+        geometry["axis_labels"] = layer.axis_labels
+        return {"layer_name": layer.name, "volume": volume, "segmentation": segmentation, "mask_kind": mask_kind,
                 "checkpoint": self.checkpoint_combo.currentData(), "device": self.device_combo.currentText(),
-                "geometry": geometry}
+                "geometry": geometry, "display": _engine.layer_display(layer, volume)}
 
     def start_detection(self) -> Task | None:
         """The Detect button: start a detection in a worker; returns its task (None if not started)."""
@@ -293,8 +313,12 @@ class DetectWidget(QWidget):
                     hook(done, total, message)
                 progress(done, total, message)
 
+            segmentation = info["segmentation"]
+            if isinstance(segmentation, np.ndarray):  # a mask layer: organ labels or TotalSegmentator ids
+                kind = _engine.mask_kind(segmentation, {"ctvlp_label_kind": info["mask_kind"]})
+                segmentation = _engine.mask_segmentation(segmentation, info["volume"], kind)
             return _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
-                                         segmentation=info["segmentation"], device=info["device"],
+                                         segmentation=segmentation, device=info["device"],
                                          progress=report, cancel=cancel)
 
         self.task = Task(work, on_done=self._detection_done, desc="Detecting abnormalities", start=False)
@@ -348,7 +372,8 @@ class DetectWidget(QWidget):
 
     def _put_layer(self, name: str, kind: str, data: np.ndarray, kwargs: dict[str, Any], *,
                    replace_data: bool) -> Any:
-        """Add a layer with the CT's geometry, or replace the data of the one we added before."""
+        """Add a layer of volume-grid ``data`` shown like the CT, or replace the data of the one we added before."""
+        data = self._run_info["display"].to_display(data)
         geometry = self._run_info["geometry"]
         kwargs = {**kwargs, **{k: v for k, v in geometry.items()}, "name": name}
         kwargs["metadata"] = {**kwargs.get("metadata", {}), OWN_LAYER_KEY: True}
@@ -400,7 +425,8 @@ class DetectWidget(QWidget):
             self.status_label.setText(f"the {anatomy} is not in the organ mask")
             return None
         layer = self._organ_layer
-        world = np.asarray(layer.data_to_world(centroid) if layer is not None else centroid, dtype=float)
+        shown = self._run_info["display"].index_to_display(centroid)
+        world = np.asarray(layer.data_to_world(shown) if layer is not None else shown, dtype=float)
         ndim = self.viewer.dims.ndim
         world_nd = world[-ndim:] if ndim <= world.size else np.concatenate([np.zeros(ndim - world.size), world])
         self.viewer.dims.set_point(range(ndim), tuple(world_nd))
