@@ -33,13 +33,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _load_split(cache: str, split: str, anatomies, patch_size):
+def _load_split(cache: str, split: str, anatomies, patch_size, token_weighting: str = "any"):
     """All volumes of one split as tensors: images, token masks, labels (``-1`` unknown)."""
     import torch
 
     from training.data import CachedCTDataset
 
-    ds = CachedCTDataset(cache, split=split, augment_text=False, anatomies=anatomies, patch_size=patch_size)
+    ds = CachedCTDataset(cache, split=split, augment_text=False, anatomies=anatomies, patch_size=patch_size,
+                         token_weighting=token_weighting)
     items = [ds[i] for i in range(len(ds))]
     return (torch.stack([it["image"] for it in items]), torch.stack([it["token_masks"] for it in items]),
             torch.stack([it["labels"] for it in items]).float())
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         model = CTVLP(getattr(CTVLPConfig, args.preset)())
         source = f"fresh CTVLPConfig.{args.preset}() (random init)"
     cfg = model.config
-    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.patch_size)
-    valid = _load_split(args.cache, args.valid_split, cfg.anatomies, cfg.patch_size)
+    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.patch_size, cfg.token_weighting)
+    valid = _load_split(args.cache, args.valid_split, cfg.anatomies, cfg.patch_size, cfg.token_weighting)
     print(f"{mode} probe of {source}; {len(train[0])} train / {len(valid[0])} valid volumes "
           f"of {args.cache}; torch threads {torch.get_num_threads()}")
     if mode == "linear":

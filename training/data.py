@@ -57,11 +57,17 @@ def tag_targets(tags: Sequence[str], *, sentences: dict[str, Sequence[str]], rep
     return report_tag_targets(tags, report=report, sentences=sentences)
 
 
-def token_masks(masks: np.ndarray, patch_size: Sequence[int]) -> np.ndarray:
-    """``bool [A, D, H, W]`` -> ``bool [A, N]``: does any voxel of each ViT patch belong to the anatomy."""
+def token_masks(masks: np.ndarray, patch_size: Sequence[int], *, weighting: str = "any") -> np.ndarray:
+    """``bool [A, D, H, W]`` -> token masks ``[A, N]``, as ``CTVLP.masks_to_tokens`` computes them:
+    ``"any"``: bool, does any voxel of each ViT patch belong to the anatomy; ``"fraction"``:
+    float32, the share of the patch inside it."""
     a, d, h, w = masks.shape
     pd, ph, pw = patch_size
     blocks = masks.reshape(a, d // pd, pd, h // ph, ph, w // pw, pw)
+    if weighting == "fraction":
+        return blocks.mean(axis=(2, 4, 6), dtype=np.float32).reshape(a, -1)
+    if weighting != "any":
+        raise ValueError(f"weighting must be 'any' or 'fraction', got {weighting!r}")
     return blocks.any(axis=(2, 4, 6)).reshape(a, -1)
 
 
@@ -79,6 +85,8 @@ class CachedCTDataset:
         patch_size: the model's ViT patch size; adds ``token_masks`` ``bool [A, N]`` (the
             anatomy masks max-pooled to the token grid, as ``CTVLP.masks_to_tokens`` does, but in
             numpy in the loader: much faster than on the batch).
+        token_weighting: ``"any"`` (bool token masks) or ``"fraction"`` (share of each patch), as
+            the model's ``CTVLPConfig.token_weighting``.
     """
 
     def __init__(
@@ -91,6 +99,7 @@ class CachedCTDataset:
         anatomies: Sequence[str] | None = None,
         tags: Sequence[str] | None = None,
         patch_size: Sequence[int] | None = None,
+        token_weighting: str = "any",
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.split = split
@@ -110,6 +119,7 @@ class CachedCTDataset:
         self.preprocess = dict(self.manifest["preprocess"])
         self.image_size = tuple(self.preprocess["image_size"])
         self.patch_size = tuple(int(p) for p in patch_size) if patch_size is not None else None
+        self.token_weighting = token_weighting
         if self.patch_size is not None and (len(self.patch_size) != 3 or any(
                 s % p for s, p in zip(self.image_size, self.patch_size))):
             raise ValueError(f"patch_size {self.patch_size} does not divide the cache grid {self.image_size}")
@@ -166,7 +176,7 @@ class CachedCTDataset:
             "labels": torch.from_numpy(labels),
         }
         if self.patch_size is not None:
-            item["token_masks"] = torch.from_numpy(token_masks(masks, self.patch_size))
+            item["token_masks"] = torch.from_numpy(token_masks(masks, self.patch_size, weighting=self.token_weighting))
         if self.tags is not None:
             sentences = {a: entry["sentences"].get(a, ()) for a in self.anatomies}
             item["tag_targets"] = torch.from_numpy(

@@ -225,7 +225,7 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
 
     dataset = CachedCTDataset(dp["cache"], split=dp.get("split", "train"), augment_text=bool(dp["augment_text"]),
                               seed=seed, anatomies=config.anatomies, tags=config.tags if mosmos else None,
-                              patch_size=config.patch_size)
+                              patch_size=config.patch_size, token_weighting=config.token_weighting)
     cache_pre = dict(dataset.preprocess)
     expected = default_preprocess_config(config.image_size, params.preprocess.get("spacing_mm"),
                                          params.preprocess.get("hu_window")).to_dict()

@@ -122,7 +122,8 @@ def test_masks_to_tokens(model: CTVLP) -> None:
     masks[0, 0, 9, 0, 31] = True  # token (1, 0, 3)
     masks[0, 1, :8, :8, :8] = True  # token (0, 0, 0)
     tm = model.masks_to_tokens(masks)
-    assert tm.shape == (1, A, 64) and tm.dtype == torch.bool
+    assert tm.shape == (1, A, 64) and tm.dtype == torch.float32  # fractions (token_weighting="fraction")
+    assert float(tm[0, 0, 1 * 16 + 0 * 4 + 3]) == pytest.approx(1 / 512) and float(tm[0, 1, 0]) == 1.0
     assert tm[0, 0].nonzero().flatten().tolist() == [1 * 16 + 0 * 4 + 3]
     assert tm[0, 1].nonzero().flatten().tolist() == [0]
     assert not tm[0, 2:].any()
@@ -176,8 +177,8 @@ def test_pooling_argument_checks() -> None:
     pool = AnatomyPooling(3, 16, 8, num_heads=2)
     with pytest.raises(ValueError, match=r"token_masks has shape \(1, 2, 5\)"):
         pool(torch.randn(1, 5, 16), torch.ones(1, 2, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="bool"):
-        pool(torch.randn(1, 5, 16), torch.ones(1, 3, 5))
+    with pytest.raises(ValueError, match="bool or floating"):
+        pool(torch.randn(1, 5, 16), torch.ones(1, 3, 5, dtype=torch.long))
 
 
 def test_token_embeddings(model: CTVLP) -> None:
@@ -304,6 +305,29 @@ def test_coop_context_lives_in_the_text_encoder_and_trains() -> None:
     assert old.tag_text_context is None and old.tag_decoder.context_length == legacy.tag_context_length
     with pytest.raises(ValueError, match="tag_context"):
         CTVLPConfig.tiny(tag_context="prompt")
+
+
+def test_fractional_token_masks_weigh_tokens_by_their_share_of_the_anatomy() -> None:
+    """A token that is 5% inside an anatomy counts 5% as much as a token fully inside it."""
+    torch.manual_seed(0)
+    pool = AnatomyPooling(1, 16, 8, num_heads=2).eval()
+    tokens = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        full = pool(tokens, torch.tensor([[[1.0, 1.0, 0.0, 0.0]]]), return_attention=True)
+        share = pool(tokens, torch.tensor([[[1.0, 0.05, 0.0, 0.0]]]), return_attention=True)
+        boolean = pool(tokens, torch.tensor([[[True, True, False, False]]]), return_attention=True)
+    torch.testing.assert_close(full.embeddings, boolean.embeddings)  # all-or-nothing fractions = bool
+    a_full, a_share = full.attention[0, 0], share.attention[0, 0]
+    assert float(a_share[2:].abs().sum()) == 0.0
+    # the second token's weight relative to the first drops by exactly its share
+    ratio_full = float(a_full[1] / a_full[0])
+    assert float(a_share[1] / a_share[0]) == pytest.approx(0.05 * ratio_full, rel=1e-4)
+    masks = torch.zeros(1, A, 32, 32, 32, dtype=torch.bool)
+    masks[0, 0, :4] = True  # half of the first layer of 8^3 patches
+    frac = CTVLP(CTVLPConfig.tiny()).masks_to_tokens(masks)
+    assert frac.dtype == torch.float32 and float(frac[0, 0].max()) == pytest.approx(0.5)
+    legacy = CTVLP(CTVLPConfig.tiny(token_weighting="any")).masks_to_tokens(masks)
+    assert legacy.dtype == torch.bool and bool(legacy[0, 0, 0])
 
 
 # ---------------------------------------------------------------------- whole model

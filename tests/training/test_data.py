@@ -204,11 +204,14 @@ def test_token_masks_match_the_model(cache: Path) -> None:
     from napari_ctvlp.engine.networks.config import CTVLPConfig
     from napari_ctvlp.engine.networks.ctvlp import CTVLP
 
-    model = CTVLP(CTVLPConfig.tiny())
-    ds = CachedCTDataset(cache, split="train", patch_size=model.config.patch_size)
-    item = ds[2]
-    expected = model.masks_to_tokens(item["anatomy_masks"][None])[0]
-    assert item["token_masks"].shape == (len(ANATOMY_NAMES), model.config.num_tokens)
-    assert torch.equal(item["token_masks"], expected)
+    for weighting in ("fraction", "any"):
+        model = CTVLP(CTVLPConfig.tiny(token_weighting=weighting))
+        ds = CachedCTDataset(cache, split="train", patch_size=model.config.patch_size, token_weighting=weighting)
+        item = ds[2]
+        expected = model.masks_to_tokens(item["anatomy_masks"][None])[0]
+        assert item["token_masks"].shape == (len(ANATOMY_NAMES), model.config.num_tokens)
+        torch.testing.assert_close(item["token_masks"], expected)
+    frac = CachedCTDataset(cache, split="train", patch_size=(8, 8, 8), token_weighting="fraction")[2]["token_masks"]
+    assert frac.dtype == torch.float32 and 0 < float(frac[frac > 0].min()) < 1.0  # partial tokens exist
     with pytest.raises(ValueError, match="does not divide"):
         CachedCTDataset(cache, split="train", patch_size=(5, 8, 8))

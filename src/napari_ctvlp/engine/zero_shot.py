@@ -120,7 +120,8 @@ class ImageFeatures:
         present: ``[A]`` bool, anatomy mask not empty.
         token_embeddings: ``[N, E]`` per-token joint-space embeddings (prompt heatmaps).
         pooling_attention: ``[A, N]`` anatomy-pooling attention weights.
-        token_masks: ``[A, N]`` bool, tokens of each anatomy.
+        token_masks: ``[A, N]`` tokens of each anatomy: the share of each token inside it (float),
+            or bool for checkpoints with ``token_weighting="any"``.
         tag_maps: ``[T, N]`` MOSMOS pixel-tag attention (softmax over N) of ``tags``.
         tag_logits: ``[T]`` multi-label tag logits.
         anatomies: anatomy names (order of ``A``).

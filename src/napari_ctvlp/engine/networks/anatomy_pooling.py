@@ -5,6 +5,11 @@ vision-language pre-training") aligns each anatomy's visual embedding with the s
 report that describe it. Here every anatomy has ONE learnable query that cross-attends only the
 tokens its mask covers; all anatomies and all heads are computed in a single masked
 :func:`torch.nn.functional.scaled_dot_product_attention` call (no Python loop over organs).
+
+Token masks are either boolean (a token belongs to the anatomy when any voxel of its patch does)
+or fractional (``[0, 1]``: the share of the patch inside the anatomy). Fractional masks weigh each
+token's attention by that share (``log(fraction)`` added to the attention logits), so a token that
+is 5% lung counts 5% as much as one fully inside the lung, in training and at inference alike.
 """
 
 from __future__ import annotations
@@ -80,21 +85,28 @@ class AnatomyPooling(nn.Module):
                 f"token_masks has shape {tuple(token_masks.shape)}, expected [B, A, N] = {list(expected)} "
                 f"for tokens {tuple(tokens.shape)}"
             )
-        if token_masks.dtype != torch.bool:
-            raise ValueError(f"token_masks must be a bool tensor, got {token_masks.dtype}")
+        if token_masks.dtype != torch.bool and not token_masks.is_floating_point():
+            raise ValueError(f"token_masks must be a bool or floating (fraction) tensor, got {token_masks.dtype}")
 
     def _finish(self, pooled: Tensor) -> Tensor:
         """Attention output ``[..., C]`` (before ``out_proj``) -> normalised joint embedding."""
         return F.normalize(self.image_proj(self.norm_out(self.out_proj(pooled))), dim=-1)
 
     def forward(self, tokens: Tensor, token_masks: Tensor, *, return_attention: bool = False) -> AnatomyEmbeddings:
-        """Pool ``tokens`` ``[B, N, C]`` per anatomy given ``token_masks`` ``[B, A, N]`` (bool)."""
+        """Pool ``tokens`` ``[B, N, C]`` per anatomy given ``token_masks`` ``[B, A, N]`` (bool, or
+        fractions in ``[0, 1]`` that weigh each token by the share of it inside the anatomy)."""
         self._check(tokens, token_masks)
         b, n, c = tokens.shape
         a = self.num_anatomies
-        present = token_masks.any(-1)  # [B, A]
-        # Rows of absent anatomies attend everything (avoids NaN) and are zeroed afterwards.
-        attn_mask = token_masks | ~present.unsqueeze(-1)  # [B, A, N]
+        if token_masks.dtype == torch.bool:
+            present = token_masks.any(-1)  # [B, A]
+            # Rows of absent anatomies attend everything (avoids NaN) and are zeroed afterwards.
+            attn_mask = token_masks | ~present.unsqueeze(-1)  # [B, A, N]
+        else:
+            w = token_masks.to(tokens.dtype).clamp(0.0, 1.0)
+            present = (w > 0).any(-1)
+            bias = torch.where(w > 0, w.clamp_min(1e-6).log(), torch.full_like(w, float("-inf")))
+            attn_mask = torch.where(present.unsqueeze(-1), bias, torch.zeros_like(bias))
         kv = self.norm_kv(tokens)
         q = self._heads(self.q(self.queries).unsqueeze(0).expand(b, a, c))  # [B, h, A, d]
         k = self._heads(self.k(kv))  # [B, h, N, d]
@@ -105,7 +117,10 @@ class AnatomyPooling(nn.Module):
         attention = None
         if return_attention:
             scores = (q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5  # [B, h, A, N]
-            scores = scores.masked_fill(~attn_mask.unsqueeze(1), float("-inf"))
+            if attn_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attn_mask.unsqueeze(1), float("-inf"))
+            else:
+                scores = scores + attn_mask.unsqueeze(1)
             attention = scores.softmax(-1).mean(1) * present.unsqueeze(-1).to(scores.dtype)
         return AnatomyEmbeddings(embeddings=emb, present=present, attention=attention)
 

@@ -25,7 +25,7 @@ TINY_TEXT_CONFIG: dict[str, int] = {
 
 _TUPLE3_FIELDS = ("image_size", "patch_size")
 #: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
-_LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder"}
+_LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any"}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -67,6 +67,9 @@ class CTVLPConfig:
         tags: MOSMOS tag vocabulary decoded by the tag decoder.
         tag_decoder_layers: ``nn.TransformerDecoder`` layers of the tag decoder.
         tag_context_length: learnable context vectors shared by all tag queries.
+        token_weighting: how anatomy masks become token weights for the pooling: ``"fraction"``
+            (each token weighted by the share of its patch inside the anatomy) or ``"any"`` (a token
+            counts fully if any voxel of its patch is inside; checkpoints before 2026-12-01).
         tag_context: where that context goes: ``"text"`` (MOSMOS eq. 6, CoOp: prepended to each
             tag's token embeddings inside the text encoder) or ``"decoder"`` (extra query tokens of
             the tag decoder; checkpoints written before 2026-12-01, whose config lacks this key).
@@ -92,6 +95,7 @@ class CTVLPConfig:
     tag_decoder_layers: int = 2
     tag_context_length: int = 4
     tag_context: str = "text"
+    token_weighting: str = "fraction"
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -115,6 +119,8 @@ class CTVLPConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CTVLPConfig.{name} must be a positive integer, got {value!r}")
+        if self.token_weighting not in ("fraction", "any"):
+            raise ValueError(f"CTVLPConfig.token_weighting must be 'fraction' or 'any', got {self.token_weighting!r}")
         if self.tag_context not in ("text", "decoder"):
             raise ValueError(f"CTVLPConfig.tag_context must be 'text' or 'decoder', got {self.tag_context!r}")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:

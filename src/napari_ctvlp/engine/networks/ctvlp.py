@@ -107,9 +107,10 @@ class CTVLP(nn.Module):
         return self.vit(image)
 
     def masks_to_tokens(self, masks: Tensor) -> Tensor:
-        """Anatomy masks ``[B, A, D, H, W]`` (bool) -> token masks ``[B, A, N]`` (bool).
+        """Anatomy masks ``[B, A, D, H, W]`` (bool) -> token masks ``[B, A, N]``.
 
-        A token belongs to an anatomy if any voxel of its patch does (max pooling).
+        ``config.token_weighting == "fraction"``: float32, the share of each patch inside the
+        anatomy (average pooling); ``"any"``: bool, any voxel of the patch inside (max pooling).
         """
         a = len(self.config.anatomies)
         expected = (a, *self.config.image_size)
@@ -120,6 +121,8 @@ class CTVLP(nn.Module):
         b = masks.shape[0]
         (gd, gh, gw), (pd, ph, pw) = self.config.token_grid, self.config.patch_size
         blocks = (masks != 0).reshape(b, a, gd, pd, gh, ph, gw, pw)
+        if self.config.token_weighting == "fraction":
+            return blocks.float().mean(dim=(3, 5, 7)).reshape(b, a, gd * gh * gw)
         return blocks.any(dim=7).any(dim=5).any(dim=3).reshape(b, a, gd * gh * gw)
 
     def pool_anatomies(
