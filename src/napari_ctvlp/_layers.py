@@ -191,13 +191,9 @@ def _hashed_color(value: int) -> tuple[float, float, float, float]:
 
 def totalseg_names() -> dict[int, str]:
     """``{value: structure}`` of TotalSegmentator v2 ``total`` (``totalseg_<id>`` without the package)."""
-    try:
-        from totalsegmentator.map_to_binary import class_map
+    from napari_ctvlp.io.labelmaps import totalseg_class_names
 
-        return {int(k): str(v) for k, v in class_map["total"].items()}
-    except Exception:  # optional names: the ids still work
-        logger.debug("TotalSegmentator class map unavailable", exc_info=True)
-        return {v: f"totalseg_{v}" for v in range(1, 118)}
+    return totalseg_class_names()
 
 
 def totalseg_colormap(values: Any) -> dict[int | None, tuple[float, float, float, float]]:

@@ -1,4 +1,5 @@
-"""napari reader contribution: CT volumes (NIfTI, DICOM series, NRRD/MHA/MHD) as Image layers.
+"""napari reader contribution: CT volumes (NIfTI, DICOM series, NRRD/MHA/MHD) as Image layers,
+label maps (TotalSegmentator output, our organs.nii.gz + organs.json, DICOM-SEG) as Labels layers.
 
 Thin over :func:`napari_ctvlp.io.read_ct`. Layers are shown radiologically (axial: anterior up,
 the patient's right on the screen's left; coronal and sagittal: head up) in the display frame
@@ -25,6 +26,7 @@ from napari_ctvlp import io
 
 if TYPE_CHECKING:
     from napari_ctvlp.engine.volume import CTVolume
+    from napari_ctvlp.io.labelmaps import LabelMap
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +36,22 @@ ReaderFunction = Callable[[Any], list[LayerData]]
 _MAX_FILES_PROBED = 64
 
 
+def _has_dicom(folder: Path) -> bool:
+    for i, child in enumerate(sorted(folder.iterdir())):
+        if i >= _MAX_FILES_PROBED:
+            break
+        if child.is_file() and io.is_dicom_file(child):
+            return True
+    return False
+
+
 def _handles(path: str | os.PathLike[str]) -> bool:
-    """Cheap check (no full read) that ``path`` is something :func:`io.read_ct` reads."""
+    """Cheap check (no full read) that ``path`` is something we read (a CT or a label map)."""
+    from napari_ctvlp.io.labelmaps import is_segmentation_folder
+
     p = Path(path)
     if p.is_dir():
-        for i, child in enumerate(sorted(p.iterdir())):
-            if i >= _MAX_FILES_PROBED:
-                break
-            if child.is_file() and io.is_dicom_file(child):
-                return True
-        return False
+        return _has_dicom(p) or is_segmentation_folder(p)
     if not p.is_file():
         return False
     suffix = io.path_suffix(p)
@@ -98,10 +106,48 @@ def layer_data(volume: CTVolume, *, name: str | None = None) -> LayerData:
     return (geometry.to_display(volume.array), kwargs, "image")
 
 
+def label_layer_data(label_map: LabelMap, *, name: str | None = None) -> LayerData:
+    """The napari Labels layer tuple of a :class:`~napari_ctvlp.io.labelmaps.LabelMap`
+    (names, colours, shown on its own grid in the display frame, like a CT)."""
+    from napari_ctvlp._layers import labels_layer, organ_labels_layer
+
+    source = Path(str(label_map.volume.meta.get("path", "labels")))
+    layer_name = name or io.path_stem(source)
+    info = {"affine": [[float(v) for v in row] for row in label_map.volume.affine], "source_path": str(source),
+            "format": label_map.volume.meta.get("format", "unknown"), "label_kind": label_map.kind}
+    if label_map.kind == "organ":
+        data, kwargs, kind = organ_labels_layer(label_map.labels, label_map.volume, name=layer_name,
+                                                names=label_map.names)
+    else:
+        data, kwargs, kind = labels_layer(label_map.labels, label_map.volume, name=layer_name,
+                                          names=label_map.names, kind=label_map.kind)
+    kwargs["metadata"] = {"ctvlp": info, **kwargs["metadata"]}
+    return data, kwargs, kind
+
+
+def read_one(path: str | os.PathLike[str]) -> LayerData:
+    """One path as an Image layer (a CT) or a Labels layer (a label map: DICOM-SEG, a
+    TotalSegmentator ``segmentations/`` folder, an integer volume with values 0..255 or with our
+    ``.json`` sidecar)."""
+    from napari_ctvlp.io import labelmaps
+
+    p = Path(path).expanduser()
+    if p.is_dir() and not _has_dicom(p) and labelmaps.is_segmentation_folder(p):
+        return label_layer_data(labelmaps.read_segmentation_folder(p))
+    if p.is_file() and labelmaps.is_dicom_seg(p):
+        return label_layer_data(labelmaps.read_dicom_seg(p))
+    volume = io.read_ct(p)
+    if p.is_file() and io.path_suffix(p) in io.NIFTI_SUFFIXES + io.ITK_SUFFIXES:
+        names = labelmaps.read_sidecar(p)
+        if labelmaps.is_label_volume(volume, sidecar=names is not None):
+            return label_layer_data(labelmaps.label_map_from_volume(volume, names=names))
+    return layer_data(volume)
+
+
 def read_layers(path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[LayerData]:
-    """Read one path or each of a list of paths into napari Image layer tuples."""
+    """Read one path or each of a list of paths into napari layer tuples (Image or Labels)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    return [layer_data(io.read_ct(p)) for p in paths]
+    return [read_one(p) for p in paths]
 
 
 #: Alias used by the sample-data contribution.

@@ -93,3 +93,16 @@ def test_writer_affine_only_and_scale_fallback(tmp_path: Path, tiny_nifti: Path,
     assert np.array_equal(read_labels(written[0]), labels)
     with pytest.raises(ValueError, match="does not match the CT volume shape"):
         write_labels_layer(str(tmp_path / "c.nii.gz"), labels[:1], {"metadata": {"ctvlp_volume": vol}})
+
+
+def test_writer_places_a_plain_layer_in_the_display_frame(tmp_path: Path, tiny_nifti: Path) -> None:
+    """napari's "New labels layer" on our CT copies its scale, translate and axis labels, not our metadata."""
+    (layer,) = napari_get_reader(str(tiny_nifti))(str(tiny_nifti))
+    vol = layer[1]["metadata"]["ctvlp_volume"]
+    labels = np.zeros(layer[0].shape, np.uint8)
+    labels[0, 1, 2] = 3
+    meta = {"scale": layer[1]["scale"], "translate": layer[1]["translate"], "axis_labels": layer[1]["axis_labels"],
+            "metadata": {}}
+    (path, _) = write_labels_layer(str(tmp_path / "painted.nii.gz"), labels, meta)
+    np.testing.assert_allclose(nib.load(path).affine, vol.affine, atol=1e-6)  # the CT's own grid
+    assert np.array_equal(read_labels(path, like=vol), labels)

@@ -138,8 +138,9 @@ def test_dicom_seg_of_reference_labels(tmp_path: Path) -> None:
 def test_reader_layer_scale_for_real_files() -> None:
     folder = realdata_path("example_ct_dicom")
     (layer,) = napari_get_reader(str(folder))(str(folder))
-    assert layer[1]["scale"] == pytest.approx((2.0, 0.9765625, 0.9765625))
+    # radiological display (napari_ctvlp._layers): the LPS series' slice axis runs against the S->I axis
+    assert layer[1]["scale"] == pytest.approx((-2.0, 0.9765625, 0.9765625))
     assert layer[1]["name"] == "example_ct_dicom"
     nii = realdata_path("example_ct.nii.gz")
     (layer,) = napari_get_reader(str(nii))(str(nii))
-    assert layer[1]["scale"] == (3.0, 3.0, 3.0) and layer[1]["name"] == "example_ct"
+    assert layer[1]["scale"] == (-3.0, -3.0, -3.0) and layer[1]["name"] == "example_ct"  # RAS: every axis flipped

@@ -63,15 +63,12 @@ def on_screen(viewer, layer, values) -> tuple[float, float]:
 
 
 def _open_pair(viewer, ct_path: Path, seg_path: Path):
-    """The CT through the plugin reader, its reference labels as a TotalSegmentator Labels layer."""
-    from napari_ctvlp._layers import TOTALSEG_KIND, labels_layer, totalseg_names
-    from napari_ctvlp.io import read_labels
-
+    """The CT and its reference labels, both through the plugin reader (an Image and a Labels layer)."""
     (ct,) = viewer.open(str(ct_path), plugin="napari-ctvlp", stack=False)
-    volume = ct.metadata["ctvlp_volume"]
-    labels = read_labels(seg_path, like=volume, reorient=True)
-    data, kwargs, _ = labels_layer(labels, volume, name="reference", names=totalseg_names(), kind=TOTALSEG_KIND)
-    return ct, viewer.add_labels(data, **kwargs)
+    (seg,) = viewer.open(str(seg_path), plugin="napari-ctvlp", stack=False)
+    assert type(ct).__name__ == "Image" and type(seg).__name__ == "Labels"
+    assert seg.metadata["ctvlp_label_kind"] == "totalseg"
+    return ct, seg
 
 
 def _assert_radiological(viewer, seg, *, coronal: bool = True) -> None:

@@ -106,8 +106,9 @@ def _layer_data_to_world(layer: Any) -> np.ndarray:
 
 
 def map_signed_permutation(src: np.ndarray, index_map: np.ndarray, dst_shape: tuple[int, ...]) -> np.ndarray | None:
-    """``src`` resampled onto a grid of ``dst_shape`` when ``index_map`` (4x4, src index -> dst
-    index) only permutes, flips and shifts whole voxels and the two grids coincide; else None."""
+    """``src`` placed on a grid of ``dst_shape`` when ``index_map`` (4x4, src index -> dst index)
+    only permutes, flips and shifts whole voxels and ``src`` lies inside that grid (the rest is
+    0, e.g. a DICOM-SEG covering only the segmented slices); else None."""
     lin, shift = np.asarray(index_map[:3, :3], float), np.asarray(index_map[:3, 3], float)
     if not np.allclose(np.abs(lin).sum(axis=1), 1.0, atol=1e-3) or not np.allclose(
             np.abs(lin).max(axis=1), 1.0, atol=1e-3):
@@ -117,16 +118,20 @@ def map_signed_permutation(src: np.ndarray, index_map: np.ndarray, dst_shape: tu
     src_axis = [int(np.argmax(np.abs(lin[r]))) for r in range(3)]
     if sorted(src_axis) != [0, 1, 2]:
         return None
-    out = np.asarray(src).transpose(src_axis)
-    if out.shape != tuple(dst_shape):
-        return None
+    moved = np.asarray(src).transpose(src_axis)
+    where = []
     for r in range(3):
-        sign, t = float(np.sign(lin[r, src_axis[r]])), int(round(shift[r]))
-        # dst index d = sign * src index + t, for every d in 0..n-1 and src in 0..n-1
-        if sign > 0 and t != 0 or sign < 0 and t != dst_shape[r] - 1:
+        sign, t, n = float(np.sign(lin[r, src_axis[r]])), int(round(shift[r])), moved.shape[r]
+        if sign < 0:  # dst = t - src: src 0..n-1 lands on t-n+1..t
+            moved = np.flip(moved, axis=r)
+            t = t - n + 1
+        if t < 0 or t + n > dst_shape[r]:
             return None
-        if sign < 0:
-            out = np.flip(out, axis=r)
+        where.append(slice(t, t + n))
+    if moved.shape == tuple(dst_shape):
+        return moved
+    out = np.zeros(tuple(dst_shape), dtype=moved.dtype)
+    out[tuple(where)] = moved
     return out
 
 
