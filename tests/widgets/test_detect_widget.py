@@ -146,6 +146,11 @@ def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_chec
     for row in rob.rows:
         assert 0.0 <= row.mean <= 1.0 and row.std >= 0.0
     assert len(panel.flipped_rows()) == sum(row.flips for row in rob.rows)
+    for table in (panel.score_table, panel.variants_table):  # full cell texts in tooltips
+        for r in range(table.rowCount()):
+            for c in range(table.columnCount()):
+                item = table.item(r, c)
+                assert item is not None and item.text() in item.toolTip(), (r, c, item.text(), item.toolTip())
 
     qtbot.mouseClick(panel.heatmap_button, Qt.MouseButton.LeftButton)
     name = "heatmap: prompt: small left pleural effusion"

@@ -64,7 +64,7 @@ def test_segmentation_and_device_pickers(make_napari_viewer, qtbot):
 def test_results_table_greys_non_assessable_rows_and_sorts_numerically(qtbot):
     from qtpy.QtCore import Qt
 
-    from napari_ctvlp.widgets.results_table import NOT_ASSESSABLE, ResultRow, ResultsTable
+    from napari_ctvlp.widgets.results_table import COLUMNS, NOT_ASSESSABLE, ResultRow, ResultsTable
 
     table = ResultsTable()
     qtbot.addWidget(table)
@@ -78,7 +78,7 @@ def test_results_table_greys_non_assessable_rows_and_sorts_numerically(qtbot):
         "Emphysema", "Cardiomegaly", "Cardiomegaly", "Hiatal hernia"]  # 0.9, 0.55, 0.1, n/a
     r = table.find_row("esophagus", "Hiatal hernia")
     assert table.row_values(r)["probability"] == NOT_ASSESSABLE
-    assert table.item(r, 4).text() == "no"
+    assert table.item(r, COLUMNS.index("assessable?")).text() == "no"
     assert table.item(r, 0).foreground().color().getRgb()[:3] == (128, 128, 128)
     table.sortItems(2, Qt.SortOrder.AscendingOrder)
     assert table.item(0, 1).text() == "Hiatal hernia" and table.item(3, 1).text() == "Emphysema"

@@ -299,14 +299,82 @@ def result_labels(result: Any) -> tuple[np.ndarray, dict[int, str]]:
 
 
 def result_rows(result: Any) -> list[ResultRow]:
-    """Table rows (anatomy x abnormality) of a detection."""
+    """Table rows (anatomy x abnormality) of a detection, with the call at the checkpoint's
+    operating point on each abnormality's own anatomy."""
+    info = result.checkpoint
+    ops = dict(getattr(info, "operating_points", {}) or {})
     rows = []
     for r in result.rows():
         p = float(r["probability"])
         ok = bool(r["assessable"]) and not math.isnan(p)
-        rows.append(ResultRow(str(r["anatomy"]), str(r["abnormality"]), p if ok else float("nan"),
-                              float(r["std"]) if ok else float("nan"), ok, bool(r.get("primary", False))))
+        primary = bool(r.get("primary", False))
+        abnormality = str(r["abnormality"])
+        threshold = ops.get(abnormality) if primary else None
+        call = info.call(abnormality, p) if primary and ok and threshold is not None else None
+        rows.append(ResultRow(str(r["anatomy"]), abnormality, p if ok else float("nan"),
+                              float(r["std"]) if ok else float("nan"), ok, primary,
+                              None if threshold is None else float(threshold), call))
     return rows
+
+
+def is_demo_model(card: str) -> bool:
+    """True when a model card says the model was trained on synthetic phantoms (a demo)."""
+    import re
+
+    return bool(re.search(r"trained on (?:synthetic )?phantoms?|phantom[- ]trained|synthetic phantoms? only"
+                          r"|trained on synthetic", card or "", re.IGNORECASE))
+
+
+DEMO_MODEL_NOTICE = ("\u26a0 Demo model trained on synthetic phantoms only: its scores on real CT are meaningless. "
+                     "Not for clinical use. Pick a checkpoint trained on real CT (Browse...) for meaningful results.")
+
+
+def model_notice(path: str | Path | None) -> str | None:
+    """The persistent warning for a checkpoint folder, or None (a real model)."""
+    return DEMO_MODEL_NOTICE if path is not None and is_demo_model(model_card_text(path)) else None
+
+
+def auto_backend() -> str | None:
+    """The backend ``segmentation="auto"`` picks now (None when none is available)."""
+    from napari_ctvlp.engine.segmentation import AUTO_ORDER, BACKENDS
+
+    reasons = segmentation_backends()
+    for name in AUTO_ORDER:
+        if name in BACKENDS and BACKENDS[name].auto and reasons.get(name, "missing") is None:
+            return name
+    return None
+
+
+_BACKEND_WORDS = {
+    "totalsegmentator": "TotalSegmentator (total)",
+    "builtin": "the built-in model (phantom-trained: coarse on real CT)",
+    "threshold": "the HU-threshold fallback (coarse: lungs, airways, bone, a heart/mediastinum region, body)",
+    "file": "your label map",
+}
+
+
+def better_segmentation_hint() -> str | None:
+    """What to install for TotalSegmentator organs (None when it is available)."""
+    from napari_ctvlp.engine.segmentation.totalseg import fetch_command
+
+    reason = segmentation_backends().get("totalsegmentator", "not registered")
+    if reason is None:
+        return None
+    if "not installed" in reason:
+        return "For better organ masks install TotalSegmentator (`pip install TotalSegmentator`) and its weights."
+    return f"For better organ masks fetch the TotalSegmentator weights once: `{fetch_command(True)}`."
+
+
+def segmentation_notice(backend: str | None, *, mask_layer: str | None = None, planned: bool = False) -> str:
+    """The visible line naming the segmentation (used, or about to be used) and what would be better."""
+    if backend is None:
+        return "Segmentation: none is available."
+    what = _BACKEND_WORDS.get(backend, backend)
+    if backend == "file" and mask_layer:
+        what = f"your Labels layer '{mask_layer}'"
+    text = f"Segmentation {'to be used' if planned else 'used'}: {what}."
+    hint = better_segmentation_hint() if backend in ("builtin", "threshold") else None
+    return f"{text} {hint}" if hint else text
 
 
 def row_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.ndarray]:

@@ -110,6 +110,10 @@ class DetectWidget(QWidget):
         self.model_card_text = QPlainTextEdit()
         self.model_card_text.setReadOnly(True)
         self.model_card_text.setMaximumHeight(160)
+        self.model_notice = QLabel("")
+        self.model_notice.setObjectName("ctvlp_model_notice")
+        self.model_notice.setWordWrap(True)
+        self.model_notice.setStyleSheet("QLabel { color: #ffb000; font-weight: bold; }")
         from superqt import QCollapsible
 
         self.model_card_box = QCollapsible("Model card")
@@ -122,6 +126,7 @@ class DetectWidget(QWidget):
         form = QFormLayout()
         form.addRow("CT image", self.image_combo)
         form.addRow("Checkpoint", ckpt_row)
+        form.addRow(self.model_notice)
         form.addRow(self.model_card_box)
         form.addRow("Segmentation", self.segmentation_combo)
         form.addRow("Mask layer", self.labels_combo)
@@ -138,6 +143,10 @@ class DetectWidget(QWidget):
         buttons.addWidget(self.cancel_button)
         self.status_label = QLabel("Choose a CT image layer and press Detect.")
         self.status_label.setWordWrap(True)
+        self.segmentation_notice = QLabel("")
+        self.segmentation_notice.setObjectName("ctvlp_segmentation_notice")
+        self.segmentation_notice.setWordWrap(True)
+        self.segmentation_notice.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         # ---- outputs
         self.results_table = ResultsTable()
@@ -163,6 +172,7 @@ class DetectWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status_label)
+        layout.addWidget(self.segmentation_notice)
         layout.addWidget(self.tabs, 1)
 
         show_scale_bar(viewer)
@@ -171,9 +181,12 @@ class DetectWidget(QWidget):
         self._fill_devices()
         self.checkpoint_combo.currentIndexChanged.connect(self._update_model_card)
         self.segmentation_combo.currentIndexChanged.connect(self._update_labels_visibility)
+        self.segmentation_combo.currentIndexChanged.connect(self._update_segmentation_notice)
+        self.labels_combo.currentIndexChanged.connect(self._update_segmentation_notice)
         self._update_model_card()
         self.refresh_layers()
         self._update_labels_visibility()
+        self._update_segmentation_notice()
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
                       viewer.layers.events.moved, viewer.layers.events.changed):
             event.connect(self.refresh_layers)
@@ -228,6 +241,18 @@ class DetectWidget(QWidget):
     def _update_model_card(self) -> None:
         path = self.checkpoint_combo.currentData()
         self.model_card_text.setPlainText(_engine.model_card_text(path))
+        notice = _engine.model_notice(path)
+        self.model_notice.setText(notice or "")
+        self.model_notice.setVisible(bool(notice))
+
+    def _update_segmentation_notice(self) -> None:
+        """Say which segmentation the next run will use (after a run: the one it used)."""
+        choice = self.segmentation_combo.currentData()
+        if choice == _LABELS_KEY:
+            backend, layer = "file", self.labels_combo.currentText() or None
+        else:
+            backend, layer = (_engine.auto_backend() if choice == "auto" else choice), None
+        self.segmentation_notice.setText(_engine.segmentation_notice(backend, mask_layer=layer, planned=True))
 
     def _fill_segmentation(self) -> None:
         combo = self.segmentation_combo
@@ -277,6 +302,7 @@ class DetectWidget(QWidget):
             self._message("error", "No CT image layer: open a CT (File > Open) or a sample first.")
             return None
         mask_kind: str | None = None
+        mask_name: str | None = None
         try:
             volume = _engine.layer_volume(layer)
             segmentation: Any = self.segmentation_combo.currentData()
@@ -286,6 +312,7 @@ class DetectWidget(QWidget):
                     raise ValueError("'Labels layer...' is selected but there is no Labels layer")
                 segmentation = _engine.layer_mask(mask_layer, volume, ct_layer=layer)
                 mask_kind = layer_kind_hint(mask_layer)
+                mask_name = mask_layer.name
         except ValueError as exc:
             self._message("error", str(exc))
             return None
@@ -293,6 +320,7 @@ class DetectWidget(QWidget):
         geometry["units"] = layer.units
         geometry["axis_labels"] = layer.axis_labels
         return {"layer_name": layer.name, "volume": volume, "segmentation": segmentation, "mask_kind": mask_kind,
+                "mask_layer": mask_name,
                 "checkpoint": self.checkpoint_combo.currentData(), "device": self.device_combo.currentText(),
                 "geometry": geometry, "display": _engine.layer_display(layer, volume)}
 
@@ -366,8 +394,11 @@ class DetectWidget(QWidget):
         self.prompt_panel.set_scorer(_engine.ResultScorer(result))
         self._centroids = {}
         n = self.results_table.rowCount()
-        self.status_label.setText(f"{n} results in {seconds:.1f} s (segmentation: {_engine.backend_name(result)}). "
+        backend = _engine.backend_name(result)
+        self.status_label.setText(f"{n} results in {seconds:.1f} s (segmentation: {backend}). "
                                   "Click a row to see its anatomy and heatmap.")
+        mask = info.get("mask_layer") if backend == "file" else None
+        self.segmentation_notice.setText(_engine.segmentation_notice(backend, mask_layer=mask))
         self.tabs.setCurrentIndex(0)
 
     def _put_layer(self, name: str, kind: str, data: np.ndarray, kwargs: dict[str, Any], *,

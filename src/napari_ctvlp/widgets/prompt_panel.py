@@ -54,16 +54,22 @@ def _table(columns: tuple[str, ...], name: str) -> QTableWidget:
     return table
 
 
+def _tip(item: QTableWidgetItem, note: str = "") -> QTableWidgetItem:
+    """Tooltip = the cell's full text (columns elide long texts), plus ``note``."""
+    item.setToolTip("\n".join(t for t in (item.text(), note) if t))
+    return item
+
+
 def _prob_item(p: float) -> QTableWidgetItem:
     item = QTableWidgetItem()
     if math.isnan(p):
         item.setText("not assessable")
         item.setData(VALUE_ROLE, -1.0)
         item.setForeground(QBrush(_GREY))
-    else:
-        item.setText(f"{p:.3f}")
-        item.setData(VALUE_ROLE, float(p))
-    return item
+        return _tip(item, "the anatomy is not in the organ mask: no score")
+    item.setText(f"{p:.3f}")
+    item.setData(VALUE_ROLE, float(p))
+    return _tip(item)
 
 
 class PromptPanel(QWidget):
@@ -205,7 +211,7 @@ class PromptPanel(QWidget):
                 return r
         r = table.rowCount()
         table.setRowCount(r + 1)
-        table.setItem(r, 0, QTableWidgetItem(anatomy))
+        table.setItem(r, 0, _tip(QTableWidgetItem(anatomy)))
         for c in range(1, len(SCORE_COLUMNS)):
             table.setItem(r, c, QTableWidgetItem(""))
         return r
@@ -240,19 +246,21 @@ class PromptPanel(QWidget):
                 items = {2: QTableWidgetItem(f"{row.mean:.3f} +- {row.std:.3f}"),
                          3: QTableWidgetItem(("\u26a0 " if row.flips else "") + str(row.flips))}
             for c, item in items.items():
+                _tip(item, f"{row.flips} wording(s) give the opposite answer in the {row.anatomy}" if row.flips
+                     else "mean +- std over the templates and your paraphrases" if c == 2 else "")
                 if row.flips:
                     item.setForeground(QBrush(_RED))
-                    item.setToolTip(f"{row.flips} wording(s) give the opposite answer in the {row.anatomy}")
                 self.score_table.setItem(r, c, item)
         self.variants_table.setRowCount(len(rob.variants))
         for r, v in enumerate(rob.variants):
             items = [QTableWidgetItem(("\u26a0 " if v.flipped else "") + v.prompt),
                      QTableWidgetItem(v.anatomy), _prob_item(v.probability)]
-            items[0].setToolTip(v.prompt)
             for c, item in enumerate(items):
+                if c < 2:
+                    _tip(item)
                 if v.flipped:
                     item.setForeground(QBrush(_RED))
-                    item.setToolTip("answer flips relative to the majority of wordings")
+                    _tip(item, "answer flips relative to the majority of wordings")
                 self.variants_table.setItem(r, c, item)
         n_flip = sum(row.flips for row in rob.rows)
         self.status_label.setText(f"robustness over {len(rob.variants)} scores in {outcome.seconds:.2f} s; "

@@ -19,7 +19,8 @@ from qtpy.QtWidgets import (
 )
 
 NOT_ASSESSABLE = "not assessable"
-COLUMNS = ("anatomy", "abnormality", "probability", "std", "assessable?")
+NO_OPERATING_POINT = "no operating point"
+COLUMNS = ("anatomy", "abnormality", "probability", "std", "call", "assessable?")
 _GREY = QColor(128, 128, 128)
 #: item role holding the row's (anatomy, abnormality) key
 KEY_ROLE = int(Qt.ItemDataRole.UserRole) + 1
@@ -40,6 +41,9 @@ class ResultRow:
         std: standard deviation over templates.
         assessable: False when the anatomy is absent from the mask (no score).
         primary: the anatomy is the abnormality's own (the detection result; others are context).
+        threshold: the checkpoint's operating point of the abnormality (None: it has none; only
+            for primary rows, where it was chosen).
+        call: ``"positive"``/``"negative"`` at that operating point (None without one or no score).
     """
 
     anatomy: str
@@ -48,6 +52,33 @@ class ResultRow:
     std: float
     assessable: bool
     primary: bool = True
+    threshold: float | None = None
+    call: str | None = None
+
+
+_POSITIVE = QColor(200, 40, 40)
+
+
+def _call_text(row: ResultRow, ok: bool) -> str:
+    """The call column: positive/negative at the checkpoint's operating point, or why there is none."""
+    if not ok or not row.primary:
+        return ""
+    if row.threshold is None:
+        return NO_OPERATING_POINT
+    return row.call or ""
+
+
+def _call_tooltip(row: ResultRow, ok: bool) -> str:
+    text = _call_text(row, ok)
+    if not ok:
+        return "not assessable: no call"
+    if not row.primary:
+        return ("operating points are set for each finding in its own anatomy (the bold rows); "
+                "this row is context")
+    if row.threshold is None:
+        return f"{text}\nthis checkpoint stores no decision threshold for {row.abnormality}: only the probability"
+    return (f"{text}\np = {row.probability:.3f} {'>=' if row.call == 'positive' else '<'} threshold "
+            f"{row.threshold:.3f} (the operating point stored with the checkpoint)")
 
 
 def probability_color(p: float) -> QColor:
@@ -120,7 +151,7 @@ class ResultsTable(QTableWidget):
                                     QHeaderView.ResizeMode.ResizeToContents)
         if not fill:
             header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
-            for name, width in (("probability", 100), ("assessable?", 90)):
+            for name, width in (("probability", 100), ("call", 120), ("assessable?", 90)):
                 header.setSectionResizeMode(COLUMNS.index(name), QHeaderView.ResizeMode.Fixed)
                 header.resizeSection(COLUMNS.index(name), width)
 
@@ -140,24 +171,36 @@ class ResultsTable(QTableWidget):
                 QTableWidgetItem(row.abnormality),
                 _NumericItem(),
                 _NumericItem(),
+                QTableWidgetItem(_call_text(row, ok)),
                 QTableWidgetItem("yes" if ok else "no"),
             ]
-            prob, std = items[2], items[3]
+            prob, std, call = items[2], items[3], items[4]
+            context = f"{row.abnormality} in the {row.anatomy}" + ("" if row.primary else
+                                                                   " (context: not this finding's own anatomy)")
+            items[0].setToolTip(f"{row.anatomy}\n{context}")
+            items[1].setToolTip(f"{row.abnormality}\n{context}")
             if ok:
                 prob.setData(VALUE_ROLE, float(row.probability))
                 prob.setText(f"{row.probability:.3f}")
                 std.setData(VALUE_ROLE, float(row.std))
                 std.setText(f"{row.std:.3f}")
-                prob.setToolTip(f"p = {row.probability:.3f} +- {row.std:.3f} over prompt templates")
+                prob.setToolTip(f"{row.probability:.3f}\np = {row.probability:.3f} +- {row.std:.3f} over prompt "
+                                f"templates ({context})")
+                std.setToolTip(f"{row.std:.3f}\nstandard deviation over the prompt templates")
             else:
                 prob.setData(VALUE_ROLE, -1.0)
                 prob.setText(NOT_ASSESSABLE)
                 std.setData(VALUE_ROLE, -1.0)
-                prob.setToolTip(f"{row.anatomy} is not in the segmentation: no score")
+                prob.setToolTip(f"{NOT_ASSESSABLE}\n{row.anatomy} is not in the segmentation: no score")
+                std.setToolTip(f"{NOT_ASSESSABLE}\nno score")
+            call.setToolTip(_call_tooltip(row, ok))
+            items[5].setToolTip(f"{items[5].text()}\n" + ("the anatomy is in the organ mask" if ok else
+                                                           f"the {row.anatomy} is not in the organ mask"))
+            if row.call == "positive":
+                call.setForeground(QBrush(_POSITIVE))
             for c, item in enumerate(items):
                 item.setData(KEY_ROLE, key)
                 item.setData(PRIMARY_ROLE, bool(row.primary))
-                item.setToolTip(item.toolTip() or f"{row.abnormality} in the {row.anatomy}")
                 if not ok:
                     item.setForeground(QBrush(_GREY))
                 if row.primary:
