@@ -1,4 +1,4 @@
-"""CA-GCL factorial ablation: full, -global, -aug, -both, over seeds, at one budget; prints the table.
+"""CA-GCL factorial ablation: full, no-global, no-aug, no-both, over seeds, at one budget; prints the table.
 
 Each cell is a real ``python -m training.pretrain`` run (same data, budget and seed across the four
 variants) followed by ``python -m training.evaluate`` on the held-out split. The table gives, per
@@ -28,9 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, tuple[str, ...]] = {
     "full": (),
-    "-global": ("--no-global",),
-    "-aug": ("--no-text-aug",),
-    "-both": ("--no-global", "--no-text-aug"),
+    "no-global": ("--no-global",),
+    "no-aug": ("--no-text-aug",),
+    "no-both": ("--no-global", "--no-text-aug"),
 }
 
 
@@ -45,7 +45,7 @@ def _run(cmd: list[str], log: Path) -> int:
 
 def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict:
     """Train (unless finished) and evaluate one (variant, seed) cell."""
-    name = f"{variant.strip('-')}_s{seed}"
+    name = f"{variant.replace('-', '_')}_s{seed}"
     out = Path(args.out)
     run = out / name
     log = out / f"{name}.log"
