@@ -78,6 +78,8 @@ def run_detect_cli(
 
     from napari_ctvlp.engine.pipeline import detect, load_model, resolve_device
     from napari_ctvlp.engine.results_io import check_results_target, result_targets, results_lock, write_results
+    from napari_ctvlp.engine.sanity import check_volume
+    from napari_ctvlp.io import read_ct
 
     if not inputs:
         print("napari-ctvlp detect: no input given", file=sys.stderr)
@@ -115,7 +117,11 @@ def run_detect_cli(
             check_results_target(target, targets, overwrite=overwrite)  # before the work, not after
             with results_lock(target):  # a second run into the same folder refuses here
                 check_results_target(target, targets, overwrite=overwrite)
-                result = detect(str(item), checkpoint=checkpoint, segmentation=segmentation, prompts=prompts,
+                volume = read_ct(str(item))
+                sanity = check_volume(volume)
+                if not sanity.ok:  # one warning line per input; the run goes on
+                    bar.write(f"napari-ctvlp detect: warning: {item}: {sanity.summary()}", file=sys.stderr)
+                result = detect(volume, checkpoint=checkpoint, segmentation=segmentation, prompts=prompts,
                                 device=dev, progress=progress)
                 write_results(result, target, overwrite=overwrite)
         except KeyboardInterrupt:

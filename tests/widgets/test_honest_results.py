@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from qtpy.QtCore import Qt
 
@@ -98,3 +99,27 @@ def test_results_table_calls_at_operating_points_and_tooltips(ct_viewer, qtbot, 
              if table.item(r, 0).font().bold() and table.item(r, COLUMNS.index("assessable?")).text() == "yes"}
     assert calls == {NO_OPERATING_POINT}
     table.sortItems(COLUMNS.index("call"), Qt.SortOrder.AscendingOrder)
+
+
+def test_input_sanity_warning_is_a_notification_and_the_run_goes_on(ct_viewer, qtbot, tiny_checkpoint, phantom):
+    from napari.utils.notifications import notification_manager
+
+    widget = _widget(ct_viewer, qtbot)
+    widget.set_checkpoint(tiny_checkpoint)
+    widget.set_segmentation(LABELS_LAYER_CHOICE)
+    widget.labels_combo.setCurrentText("reference organs")
+    assert widget.run_blocking(timeout=120) is not None
+    assert not widget.input_notice.isVisible()  # the phantom is a CT in HU of a usable size
+    assert not [m for m in widget.messages if m[0] == "warning"]
+
+    volume, _ = phantom  # the same CT in stored units (no RescaleIntercept)
+    ct = ct_viewer.layers["ct"]
+    ct_viewer.add_image(np.asarray(volume.array) + 1024, name="raw units", scale=ct.scale, translate=ct.translate,
+                        axis_labels=ct.axis_labels, units=ct.units)
+    widget.image_combo.setCurrentText("raw units")
+    n = len(notification_manager.records)
+    assert widget.run_blocking(timeout=120) is not None  # warned, not refused
+    warnings = [text for level, text in widget.messages if level == "warning"]
+    assert len(warnings) == 1 and "Hounsfield" in warnings[0]
+    assert any("Hounsfield" in str(r.message) for r in notification_manager.records[n:])
+    assert widget.input_notice.isVisible() and "Hounsfield" in widget.input_notice.text()

@@ -317,6 +317,14 @@ def result_rows(result: Any) -> list[ResultRow]:
     return rows
 
 
+def input_warning(volume: CTVolume) -> str | None:
+    """One line of input-sanity warnings for ``volume`` (None when it looks like a usable CT)."""
+    from napari_ctvlp.engine.sanity import check_volume
+
+    report = check_volume(volume)
+    return None if report.ok else f"Input check: {report.summary()}"
+
+
 def is_demo_model(card: str) -> bool:
     """True when a model card says the model was trained on synthetic phantoms (a demo)."""
     import re

@@ -143,6 +143,11 @@ class DetectWidget(QWidget):
         buttons.addWidget(self.cancel_button)
         self.status_label = QLabel("Choose a CT image layer and press Detect.")
         self.status_label.setWordWrap(True)
+        self.input_notice = QLabel("")
+        self.input_notice.setObjectName("ctvlp_input_notice")
+        self.input_notice.setWordWrap(True)
+        self.input_notice.setStyleSheet("QLabel { color: #ffb000; }")
+        self.input_notice.setVisible(False)
         self.segmentation_notice = QLabel("")
         self.segmentation_notice.setObjectName("ctvlp_segmentation_notice")
         self.segmentation_notice.setWordWrap(True)
@@ -172,6 +177,7 @@ class DetectWidget(QWidget):
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status_label)
+        layout.addWidget(self.input_notice)
         layout.addWidget(self.segmentation_notice)
         layout.addWidget(self.tabs, 1)
 
@@ -316,6 +322,11 @@ class DetectWidget(QWidget):
         except ValueError as exc:
             self._message("error", str(exc))
             return None
+        warning = _engine.input_warning(volume)
+        self.input_notice.setText(warning or "")
+        self.input_notice.setVisible(bool(warning))
+        if warning:
+            self._message("warning", warning)
         geometry = {k: np.array(getattr(layer, k)) if k != "affine" else layer.affine for k in _GEOMETRY}
         geometry["units"] = layer.units
         geometry["axis_labels"] = layer.axis_labels
