@@ -31,9 +31,11 @@ __all__ = [
     "ANATOMY_PREFIX",
     "BACKENDS",
     "Backend",
+    "BackendReadiness",
     "OrganSegmentation",
     "SegmentationUnavailable",
     "available_backends",
+    "backend_readiness",
     "register_default_backends",
     "dice",
     "from_label_file",
@@ -56,6 +58,28 @@ class Backend:
     unavailable_reason: BackendCheck
     description: str = ""
     auto: bool = True  # may backend="auto" pick it (False: only when asked for by name)
+    missing: Callable[..., tuple[str, ...]] | None = None  # missing(fast=) -> what is missing, one line each
+
+
+@dataclass(frozen=True)
+class BackendReadiness:
+    """Whether a backend can run here, and what is missing (for a picker that says so).
+
+    Attributes:
+        name: backend name.
+        ready: True when it can run now.
+        description: one line on what it is.
+        reason: why not (with the fix), None when ready.
+        missing: the missing pieces, one line each (for TotalSegmentator: one per model folder).
+        auto: whether ``backend="auto"`` may pick it.
+    """
+
+    name: str
+    ready: bool
+    description: str
+    reason: str | None = None
+    missing: tuple[str, ...] = ()
+    auto: bool = True
 
 
 @dataclass(frozen=True)
@@ -94,13 +118,20 @@ AUTO_ORDER: tuple[str, ...] = ("totalsegmentator", "builtin", "threshold")
 
 
 def register_backend(
-    name: str, run: BackendRun, unavailable_reason: BackendCheck, *, description: str = "", auto: bool = True
+    name: str,
+    run: BackendRun,
+    unavailable_reason: BackendCheck,
+    *,
+    description: str = "",
+    auto: bool = True,
+    missing: Callable[..., tuple[str, ...]] | None = None,
 ) -> None:
-    """Add (or replace) a backend. ``run`` and ``unavailable_reason`` take keyword options only;
-    ``auto=False`` keeps it out of ``backend="auto"`` (used only when named)."""
+    """Add (or replace) a backend. ``run``, ``unavailable_reason`` and ``missing`` take keyword
+    options only; ``auto=False`` keeps it out of ``backend="auto"`` (used only when named);
+    ``missing(fast=)`` lists what is missing, one line each (default: the reason)."""
     if not name or name == "auto":
         raise ValueError(f"invalid backend name {name!r}")
-    BACKENDS[name] = Backend(name, run, unavailable_reason, description, auto)
+    BACKENDS[name] = Backend(name, run, unavailable_reason, description, auto, missing)
 
 
 def available_backends(*, fast: bool = True) -> dict[str, str | None]:
@@ -111,6 +142,29 @@ def available_backends(*, fast: bool = True) -> dict[str, str | None]:
             out[name] = backend.unavailable_reason(fast=fast)
         except Exception as exc:  # a broken optional backend must not break the listing
             out[name] = f"availability check failed: {exc}"
+    return out
+
+
+def backend_readiness(*, fast: bool = True) -> dict[str, BackendReadiness]:
+    """``{backend name: BackendReadiness}`` in ``auto`` order first; offline and quick (no weights loaded).
+
+    For TotalSegmentator ``missing`` names each absent or incomplete model folder (see
+    :func:`.weights.weights_status`); the fix is ``napari-ctvlp weights download`` (online) or
+    ``napari-ctvlp weights import PATH``.
+    """
+    reasons = available_backends(fast=fast)
+    order = [n for n in AUTO_ORDER if n in BACKENDS] + [n for n in BACKENDS if n not in AUTO_ORDER]
+    out: dict[str, BackendReadiness] = {}
+    for name in order:
+        backend, reason = BACKENDS[name], reasons[name]
+        missing: tuple[str, ...] = ()
+        if reason is not None:
+            try:
+                missing = tuple(backend.missing(fast=fast)) if backend.missing is not None else ()
+            except Exception as exc:  # a broken optional backend must not break the listing
+                missing = (f"check failed: {exc}",)
+            missing = missing or (reason,)
+        out[name] = BackendReadiness(name, reason is None, backend.description, reason, missing, backend.auto)
     return out
 
 
@@ -251,6 +305,7 @@ def register_default_backends() -> None:
         ),
         lambda *, fast=True: totalseg.unavailable_reason(fast=fast),
         description="TotalSegmentator v2 'total' (fast: 3 mm, else 1.5 mm), mapped to our organ labels",
+        missing=lambda *, fast=True: totalseg.missing_pieces(fast=fast),
     )
     register_backend(
         "threshold",

@@ -5,8 +5,14 @@ if set, else ``$TOTALSEG_HOME_DIR/nnunet/results``, else ``~/.totalsegmentator/n
 Task ``total`` needs datasets 291-295 (full, 1.5 mm) or 297 (``fast``, 3 mm); a ``roi_subset``
 additionally runs the 6 mm model 298 to crop. ``totalseg_download_weights -t total`` fetches
 291-295 + 298, ``-t total_fast`` fetches 297 + 298. Its own python API would download missing
-weights silently and post usage statistics to stats.totalsegmentator.com; we check the weight
-folders first and replace its ``send_usage_stats`` with a no-op for the duration of our call.
+weights silently and post usage statistics to stats.totalsegmentator.com; we check the model
+folders first (:mod:`.weights`: complete plans, dataset.json and fold checkpoint, nothing
+unpickled) and replace its ``send_usage_stats`` with a no-op for the duration of our call.
+
+nnU-Net predicts in worker processes started with ``spawn``: a script that calls this backend
+must guard its entry point with ``if __name__ == "__main__":`` (napari, the CLI and pytest do).
+The success path is tested end to end with tiny hand-set nnU-Net models in TotalSegmentator's
+layout (``tests/engine/test_totalseg_success.py``).
 """
 
 from __future__ import annotations
@@ -14,19 +20,21 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from ..anatomy import ORGAN_BY_NAME, ORGAN_LABELS, totalseg_to_organ_lut
 from ..volume import CTVolume, ProgressCallback, report
+from .weights import CROP_TASK_ID, ENV_VARS, FAST_TASK_IDS, FULL_TASK_IDS, needed_task_ids
 
 logger = logging.getLogger(__name__)
 
-FULL_TASK_IDS: tuple[int, ...] = (291, 292, 293, 294, 295)
-FAST_TASK_IDS: tuple[int, ...] = (297,)
-CROP_TASK_ID = 298  # TotalSegmentator runs this 6 mm model first whenever roi_subset is given
-ENV_VARS = ("TOTALSEG_WEIGHTS_PATH", "TOTALSEG_HOME_DIR")
+__all__ = [
+    "CROP_TASK_ID", "ENV_VARS", "FAST_TASK_IDS", "FULL_TASK_IDS", "SegmentationUnavailable", "fetch_command",
+    "missing_pieces", "missing_weights", "needed_task_ids", "roi_subset_names", "totalseg_labels", "unavailable_reason",
+]
 
 
 class SegmentationUnavailable(RuntimeError):
@@ -38,12 +46,6 @@ def fetch_command(fast: bool) -> str:
     return f"totalseg_download_weights -t {'total_fast' if fast else 'total'}"
 
 
-def needed_task_ids(*, fast: bool, roi_subset: bool = True) -> tuple[int, ...]:
-    """TotalSegmentator dataset ids one call needs."""
-    ids = FAST_TASK_IDS if fast else FULL_TASK_IDS
-    return ids + ((CROP_TASK_ID,) if roi_subset else ())
-
-
 def roi_subset_names() -> list[str]:
     """TotalSegmentator ``total`` structure names our organ labels are made of."""
     from totalsegmentator.map_to_binary import class_map
@@ -53,18 +55,29 @@ def roi_subset_names() -> list[str]:
 
 
 def missing_weights(*, fast: bool, roi_subset: bool = True) -> list[Path]:
-    """Weight folders that are absent (empty list: ready). Raises ImportError without the package."""
-    from totalsegmentator.config import get_weights_dir
-    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
+    """Model folders that are absent or incomplete (empty list: ready). Raises ImportError without the package.
 
-    root = Path(get_weights_dir())
-    missing = []
-    for task_id in needed_task_ids(fast=fast, roi_subset=roi_subset):
-        info = TASK_ID_WEIGHTS_CONFIGS[task_id]
-        folder = root / Path(info.get("rel_path") or "") / info["foldername"]
-        if not folder.is_dir() or not any(folder.rglob("checkpoint_final.pth")):
-            missing.append(folder)
-    return missing
+    A model is complete when the folder TotalSegmentator reads
+    (``<dataset>/<trainer>__nnUNetPlans__3d_fullres``) holds plans.json, dataset.json and
+    ``fold_0/checkpoint_final.pth`` (see :mod:`.weights`; nothing is unpickled).
+    """
+    import totalsegmentator.map_tasks_config  # noqa: F401 - ImportError when TotalSegmentator is absent
+
+    from .weights import weights_status
+
+    return [m.folder for m in weights_status(fast=fast, roi_subset=roi_subset).missing]
+
+
+def missing_pieces(*, fast: bool = True, roi_subset: bool = True) -> tuple[str, ...]:
+    """What the backend lacks, one line each (empty: ready): the package, or each model folder and its first problem."""
+    try:
+        import totalsegmentator.map_tasks_config  # noqa: F401
+    except ImportError as exc:
+        return (f"the TotalSegmentator package ({exc})",)
+    from .weights import weights_status
+
+    return tuple(f"model {m.task_id} ({m.purpose}): {m.problems[0]}"
+                 for m in weights_status(fast=fast, roi_subset=roi_subset).missing)
 
 
 def unavailable_reason(*, fast: bool = True, roi_subset: bool = True) -> str | None:
@@ -77,8 +90,10 @@ def unavailable_reason(*, fast: bool = True, roi_subset: bool = True) -> str | N
         return None
     return (
         f"TotalSegmentator weights are missing: {', '.join(str(m) for m in missing)}. "
-        f"Fetch them once with `{fetch_command(fast)}` (folder chosen by the environment variables "
-        f"TOTALSEG_WEIGHTS_PATH, else TOTALSEG_HOME_DIR/nnunet/results, else ~/.totalsegmentator/nnunet/results)."
+        f"Fetch them once with `{fetch_command(fast)}` or `napari-ctvlp weights download{'' if fast else ' --full'}`, "
+        f"or copy them from another machine with `napari-ctvlp weights import PATH` (folder chosen by the "
+        f"environment variables TOTALSEG_WEIGHTS_PATH, else TOTALSEG_HOME_DIR/nnunet/results, else "
+        f"~/.totalsegmentator/nnunet/results; `napari-ctvlp weights status` shows what is there)."
     )
 
 
@@ -107,6 +122,26 @@ def _no_usage_stats():
         ts_api.send_usage_stats, ts_config.send_usage_stats, ts_config.send_usage_stats_application = saved
 
 
+def _point_nnunet_at(root: Path) -> None:
+    """Make nnU-Net look for models in ``root`` now.
+
+    TotalSegmentator sets ``nnUNet_results`` in the environment at every call, but nnU-Net reads it
+    once, when ``nnunetv2.paths`` is first imported, into module globals; a second call with
+    another weights folder in the same process would look in the first one. Set the environment
+    (as TotalSegmentator does) and those globals to ``root``.
+    """
+    import importlib
+
+    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[key] = str(root)
+    for name in ("nnunetv2.paths", "nnunetv2.utilities.dataset_name_id_conversion",
+                 "nnunetv2.utilities.file_path_utilities"):
+        module = importlib.import_module(name)
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            if hasattr(module, key):
+                setattr(module, key, str(root))
+
+
 def totalseg_labels(
     volume: CTVolume,
     *,
@@ -125,8 +160,13 @@ def totalseg_labels(
     if reason is not None:
         raise SegmentationUnavailable(reason)
     import nibabel as nib
+    from totalsegmentator.config import get_totalseg_dir
     from totalsegmentator.python_api import totalsegmentator
 
+    from .weights import weights_dir
+
+    get_totalseg_dir().mkdir(parents=True, exist_ok=True)  # it keeps a config.json there; its mkdir has no parents=
+    _point_nnunet_at(weights_dir()[0])
     report(progress, 0, 2, f"TotalSegmentator ({'fast 3 mm' if fast else 'full 1.5 mm'}) on {ts_device}")
     img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), np.asarray(volume.affine, float))
     out = io.StringIO()
