@@ -1,4 +1,4 @@
-"""Command line: ``napari-ctvlp detect|segment|phantom|bench ...``.
+"""Command line: ``napari-ctvlp detect|segment|phantom|bench|weights ...``.
 
 Every sub-command turns bad input, and any other failure, into a one-line message on stderr and
 exit code 2, never a traceback (``-v`` logs the traceback).
@@ -86,6 +86,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_weights_status(args: argparse.Namespace) -> int:
+    import os
+
+    from napari_ctvlp.engine.segmentation.weights import needed_task_ids, weights_status
+
+    status = weights_status(fast=True, roi_subset=True)
+    full = weights_status(fast=False, roi_subset=True)
+    env = ", ".join(f"{k}={os.environ[k]!r}" if k in os.environ else f"{k} unset"
+                    for k in ("TOTALSEG_WEIGHTS_PATH", "TOTALSEG_HOME_DIR"))
+    print(f"TotalSegmentator weights folder: {status.weights_dir} (chosen by {status.source}; {env})")
+    seen: set[int] = set()
+    for m in status.models + full.models:
+        if m.task_id in seen:
+            continue
+        seen.add(m.task_id)
+        state = "ready" if m.ready else "missing" if not m.folder.parent.exists() else "incomplete"
+        print(f"  {m.task_id}  {state:10s} {m.purpose:34s} {m.folder}")
+        for problem in m.problems[:3] if state == "incomplete" else ():
+            print(f"        {problem}")
+    for name, st, fast in (("fast (3 mm, the default)", status, True), ("full (1.5 mm, --full)", full, False)):
+        ids = " + ".join(str(i) for i in needed_task_ids(fast=fast, roi_subset=True))
+        print(f"{name}: {'ready' if st.ready else 'not ready'} (needs {ids})")
+    wanted = full if args.full else status
+    if not wanted.ready:
+        print("get them with `napari-ctvlp weights download" + (" --full" if args.full else "")
+              + "` (online) or copy them from another machine with `napari-ctvlp weights import PATH`")
+    return 0 if wanted.ready else 1
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from napari_ctvlp.engine.segmentation.weights import import_weights
+
+    result = import_weights(args.path, dest=args.dest, overwrite=args.overwrite)
+    for folder, tid in zip(result.folders, result.task_ids):
+        print(f"imported model {tid}: {folder}" + (" (replaced)" if folder in result.replaced else ""))
+    return 0
+
+
+def _cmd_weights_download(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from napari_ctvlp.engine.segmentation.weights import download_weights
+
+    def on_task(index: int, count: int, task_id: int) -> None:
+        print(f"[{index + 1}/{count}] TotalSegmentator model {task_id}", file=sys.stderr)
+
+    with contextlib.redirect_stdout(sys.stderr):  # TotalSegmentator's own messages; tqdm bars are on stderr
+        status = download_weights(fast=not args.full, timeout=args.timeout, on_task=on_task)
+    print(f"TotalSegmentator weights ready in {status.weights_dir}: "
+          + ", ".join(str(m.task_id) for m in status.models))
+    return 0
+
+
 def _stderr_progress(quiet: bool):
     if quiet:
         return None
@@ -162,6 +215,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_cmd_bench)
+
+    w = sub.add_parser("weights", help="TotalSegmentator weights: status, import from a zip/folder, download")
+    wsub = w.add_subparsers(dest="weights_command", required=True)
+    ws = wsub.add_parser("status", help="which models are there, where it looks and which variables choose it "
+                                        "(exit 1 when the needed ones are missing)")
+    ws.add_argument("--full", action="store_true", help="exit code for the full 1.5 mm models (default fast)")
+    ws.set_defaults(func=_cmd_weights_status)
+    wi = wsub.add_parser("import", help="copy models from a zip or folder (e.g. from another machine) into "
+                                        "the weights folder, validated first")
+    wi.add_argument("path", help="a TotalSegmentator weights zip (Dataset297_....zip) or folder")
+    wi.add_argument("--dest", default=None, help="weights folder (default: where TotalSegmentator looks)")
+    wi.add_argument("--overwrite", action="store_true", help="replace models that are already there")
+    wi.set_defaults(func=_cmd_weights_import)
+    wd = wsub.add_parser("download", help="download the missing models with TotalSegmentator's downloader "
+                                          "(needs network access)")
+    wd.add_argument("--full", action="store_true", help="the full 1.5 mm models (default: fast 3 mm)")
+    wd.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the server (default 5)")
+    wd.set_defaults(func=_cmd_weights_download)
     return parser
 
 
