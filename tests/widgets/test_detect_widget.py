@@ -111,6 +111,16 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     _click_row(qtbot, table, row)
     qtbot.wait(200)
     assert len(viewer.layers) == n_layers
+    # another finding reuses the one heatmap layer too: renamed, new data, masked outside the body
+    _click_row(qtbot, table, table.find_row("lung", "Pleural effusion"))
+    qtbot.waitUntil(lambda: "heatmap: Pleural effusion" in viewer.layers, timeout=WAIT_MS)
+    assert len(viewer.layers) == n_layers and "heatmap: Cardiomegaly" not in viewer.layers
+    heat = viewer.layers["heatmap: Pleural effusion"]
+    outside = np.asarray(organs.data) == 0
+    assert outside.any() and np.all(heat.data[outside] == heat.contrast_limits[0])
+    assert heat.data[~outside].max() == pytest.approx(heat.contrast_limits[1])
+    assert heat.colorbar.visible  # the legend on the canvas
+    assert widget.heatmap_legend.isVisibleTo(widget) and "Pleural effusion" in widget.heatmap_legend.text()
 
 
 def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_checkpoint):
@@ -156,6 +166,7 @@ def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_chec
     name = "heatmap: prompt: small left pleural effusion"
     qtbot.waitUntil(lambda: name in viewer.layers, timeout=WAIT_MS)
     assert viewer.layers[name].data.shape == viewer.layers["ct"].data.shape
+    assert [lyr.name for lyr in viewer.layers if lyr.metadata.get("ctvlp_heatmap")] == [name]  # one layer
 
 
 def test_export_round_trip_never_overwrites_without_asking(ct_viewer, qtbot, tiny_checkpoint, tmp_path, phantom):

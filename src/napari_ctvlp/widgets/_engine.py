@@ -264,6 +264,47 @@ def run_detection(volume: CTVolume, *, checkpoint: str | None, segmentation: Any
                   progress=progress, cancel=cancel)
 
 
+def prepare_segmentation(volume: CTVolume, segmentation: Any, *, checkpoint: str | None, device: str,
+                         mask_kind_hint: str | None, progress: ProgressCallback | None) -> Any:
+    """The organ segmentation of a run, made before ``detect`` (worker thread).
+
+    The checkpoint is loaded first (cached; a broken one fails before any long work), then a
+    backend segments with ``progress`` reporting its own steps, so a cancel (raised from
+    ``progress``) stops inside the segmentation stage too. A mask array becomes an
+    ``OrganSegmentation`` of its recognised kind. Returns what ``detect(segmentation=...)`` takes.
+    """
+    from napari_ctvlp.engine.pipeline import load_model, resolve_device
+
+    dev = resolve_device(device)
+    if progress is not None:
+        progress(1, len(detection_stages()), "model")
+    load_model(checkpoint, device=dev)
+    if progress is not None:
+        progress(2, len(detection_stages()), "segmentation")
+    if isinstance(segmentation, np.ndarray):
+        return mask_segmentation(segmentation, volume, mask_kind(segmentation, {LABEL_KIND_KEY: mask_kind_hint}))
+    from napari_ctvlp.engine.segmentation import BACKENDS, segment
+
+    if isinstance(segmentation, str) and (segmentation == "auto" or segmentation in BACKENDS):
+        return segment(volume, backend=segmentation, device=dev, progress=progress)
+    return segmentation
+
+
+def detection_stages() -> tuple[str, ...]:
+    """The stage names ``detect`` reports, in order."""
+    from napari_ctvlp.engine.pipeline import STAGES
+
+    return tuple(STAGES)
+
+
+def cancelled(stage: str) -> BaseException:
+    """The error a cancelled detection ends with (raised from the progress callback, so the engine
+    stops at its next progress report, also inside a long stage)."""
+    from napari_ctvlp.engine.pipeline import DetectionCancelled
+
+    return DetectionCancelled(f"detection cancelled during {stage}")
+
+
 def describe_error(exc: BaseException | None) -> tuple[str, str]:
     """``(level, message)`` of a notification for a failed run."""
     from napari_ctvlp.engine.pipeline import DetectionCancelled
@@ -385,10 +426,33 @@ def segmentation_notice(backend: str | None, *, mask_layer: str | None = None, p
     return f"{text} {hint}" if hint else text
 
 
-def row_heatmap(result: Any, anatomy: str, abnormality: str) -> tuple[str, np.ndarray]:
-    """``(name, array)``: the abnormality's pixel-tag attention map on the CT grid (worker thread)."""
+@dataclass(frozen=True)
+class Heatmap:
+    """A heatmap ready to show: on the CT grid, masked outside the body, with its display range."""
+
+    name: str
+    array: np.ndarray
+    limits: tuple[float, float]
+
+
+def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None) -> Heatmap:
+    """``array`` with every voxel outside the body (organ label 0) set to the lowest value inside,
+    so the additive overlay leaves it dark (computed in the worker thread: no GUI stall)."""
+    heat = np.array(array, dtype=np.float32, copy=True)
+    inside = np.asarray(labels) > 0 if labels is not None and np.shape(labels) == heat.shape else None
+    values = heat[inside] if inside is not None and inside.any() else heat.ravel()
+    values = values[np.isfinite(values)]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if inside is not None and inside.any():
+        heat[~inside] = lo
+    heat[~np.isfinite(heat)] = lo
+    return Heatmap(name, heat, (lo, hi if hi > lo else lo + 1.0))
+
+
+def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
+    """The abnormality's pixel-tag attention map on the CT grid, masked outside the body (worker thread)."""
     del anatomy  # the tag map covers the whole CT; the view is centred on the anatomy instead
-    return abnormality, result.session.abnormality_heatmap(abnormality)
+    return masked_heatmap(abnormality, result.session.abnormality_heatmap(abnormality), result.segmentation.labels)
 
 
 def export_source(result: Any, *, extra_heatmaps: dict[str, np.ndarray] | None = None) -> ExportSource:
@@ -448,11 +512,91 @@ class Robustness:
     variants: tuple[PromptVariant, ...]
 
 
+@dataclass(frozen=True)
+class PromptCheck:
+    """How the text encoder sees a typed prompt; ``notes`` are the sentences to show (empty: fine).
+
+    Attributes:
+        tokens: tokens of the prompt (with the encoder's special tokens).
+        max_tokens: the encoder reads at most this many; the rest is cut off.
+        unknown_words: words neither in the tokenizer's vocabulary as a whole nor among the
+            findings and anatomies the model was trained with (split into sub-word pieces).
+        words: words of the prompt.
+        english: False when the prompt does not look like English.
+        notes: the warnings.
+    """
+
+    tokens: int
+    max_tokens: int
+    unknown_words: tuple[str, ...]
+    words: int
+    english: bool
+    notes: tuple[str, ...]
+
+    @property
+    def truncated(self) -> bool:
+        """True when the encoder cuts the prompt."""
+        return self.tokens > self.max_tokens
+
+
+_ENGLISH = frozenset("""
+a an the of in on at to for with without and or not no nor is are was were be been there this that these those
+it its as by from into near both either small large big tiny mild moderate severe marked minimal slight left right
+bilateral lower upper middle lobe lobes base bases apex apical basal side sided new old possible probable likely
+suspected consistent evidence sign signs finding findings seen present absent noted visible increased decreased
+enlarged dilated thickened thick thin diffuse focal multiple single several some few lung lungs heart chest wall
+fluid air mass nodule nodules area areas region change changes
+""".split())
+
+
+def _model_terms() -> frozenset[str]:
+    """Words the model was trained with: finding terms and synonyms, anatomy phrases, template words."""
+    import re
+
+    from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMIES, PROMPT_TEMPLATES
+
+    texts = [a.term for a in ABNORMALITIES] + [s for a in ABNORMALITIES for s in a.synonyms]
+    texts += [a.phrase for a in ANATOMIES] + [t for pair in PROMPT_TEMPLATES for t in pair]
+    return frozenset(w.lower() for t in texts for w in re.findall(r"[A-Za-z]+", t))
+
+
+def check_prompt(tokenizer: Any, max_tokens: int, text: str) -> PromptCheck:
+    """Say when a prompt is cut off, mostly outside the vocabulary, or not English."""
+    import re
+
+    ids = tokenizer(text, truncation=False)["input_ids"]
+    words = re.findall(r"[^\W\d_]+", text)
+    vocab = getattr(tokenizer, "vocab", None) or {}
+    known = _model_terms()
+    unknown = tuple(w for w in words if w.lower() not in vocab and w.lower() not in known)
+    letters = [c for c in text if c.isalpha()]
+    non_ascii = sum(not c.isascii() for c in letters) / max(len(letters), 1)
+    english_words = sum(w.lower() in _ENGLISH or w.lower() in known for w in words)
+    english = not (non_ascii > 0.2 or (len(words) >= 2 and english_words * 2 < len(words)
+                                       and len(unknown) * 2 >= len(words)))
+    notes = []
+    if len(ids) > max_tokens:
+        notes.append(f"The prompt is cut off: it has {len(ids)} tokens and the text encoder reads only the first "
+                     f"{max_tokens}; the rest is ignored. Shorten it.")
+    if not english:
+        notes.append("The prompt does not look like English; the text encoder was trained on English reports.")
+    elif words and len(unknown) * 2 > len(words):
+        shown = ", ".join(f"'{w}'" for w in unknown[:4])
+        notes.append(f"Most words are outside the model's vocabulary ({shown}): the encoder sees them only as "
+                     "sub-word pieces, so the answer may not mean much.")
+    return PromptCheck(len(ids), int(max_tokens), unknown, len(words), english, tuple(notes))
+
+
 class ResultScorer:
     """Scores free text against a detection's cached image features (text encoder only)."""
 
     def __init__(self, result: Any) -> None:
         self.result = result
+
+    def check_prompt(self, text: str) -> PromptCheck:
+        """How the checkpoint's text encoder sees ``text`` (cut off, unknown words, not English)."""
+        model = self.result.session.model
+        return check_prompt(model.tokenizer, int(model.text.max_length), text)
 
     def score(self, text: str) -> list[PromptScore]:
         """Probability per anatomy of a finding sentence."""
@@ -479,6 +623,9 @@ class ResultScorer:
                                               bool(flipped[w])))
         return Robustness(tuple(rows), tuple(variants))
 
-    def heatmap(self, text: str) -> np.ndarray | None:
-        """Prompt heatmap on the CT grid."""
-        return self.result.session.prompt_heatmap(text)
+    def heatmap(self, text: str) -> Heatmap | None:
+        """Prompt heatmap on the CT grid, masked outside the body (None: the checkpoint gives none)."""
+        array = self.result.session.prompt_heatmap(text)
+        if array is None:
+            return None
+        return masked_heatmap(f"prompt: {text}", array, self.result.segmentation.labels)

@@ -49,6 +49,8 @@ class Task:
         func: called as ``func(progress=callback, cancel=event)`` in the worker thread.
         on_done: called on the GUI thread with the :class:`Outcome` when the call ends.
         desc: description of the napari progress bar (``None``: no progress bar).
+        on_progress: called on the GUI thread as ``on_progress(done, total, message)`` for each
+            progress report (e.g. to drive a progress bar inside a widget).
         start: start the worker immediately.
 
     Attributes:
@@ -63,6 +65,7 @@ class Task:
         on_done: Callable[[Outcome], None] | None = None,
         desc: str | None = None,
         start: bool = True,
+        on_progress: Callable[[int, int, str], None] | None = None,
     ) -> None:
         from napari.qt.threading import create_worker
 
@@ -70,6 +73,7 @@ class Task:
         self.outcome: Outcome | None = None
         self.messages: list[str] = []
         self._on_done = on_done
+        self._on_progress_cb = on_progress
         self._pbar = None
         self._bridge = _Bridge()
         self._bridge.progressed.connect(self._on_progress)
@@ -100,6 +104,8 @@ class Task:
     # GUI thread -----------------------------------------------------------------------
     def _on_progress(self, done: int, total: int, message: str) -> None:
         self.messages.append(message)
+        if self._on_progress_cb is not None and not self._finished:
+            self._on_progress_cb(done, total, message)
         pbar = self._pbar  # updating the bar may process events, and finish the task, re-entrantly
         if pbar is None or self._finished:
             return

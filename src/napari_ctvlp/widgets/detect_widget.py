@@ -10,6 +10,7 @@ notifications; the user's layers are never modified.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
+    QProgressBar,
     QPushButton,
     QTabWidget,
     QVBoxLayout,
@@ -31,7 +33,8 @@ from qtpy.QtWidgets import (
 
 from napari_ctvlp.widgets import _engine
 from napari_ctvlp.widgets._worker import Outcome, Task
-from napari_ctvlp.widgets.export_panel import ExportPanel, export_detection
+from napari_ctvlp.widgets.export_panel import ExportPanel, export_detection, organ_statistics_rows
+from napari_ctvlp.widgets.organ_table import OrganStatsPanel
 from napari_ctvlp.widgets.prompt_panel import PromptPanel
 from napari_ctvlp.widgets.results_table import ResultsTable
 
@@ -77,8 +80,10 @@ class DetectWidget(QWidget):
     Sub-widgets are public attributes so tests and scripts can drive them: ``image_combo``,
     ``checkpoint_combo``, ``browse_checkpoint_button``, ``model_card_text``,
     ``segmentation_combo``, ``labels_combo``, ``device_combo``, ``detect_button``,
-    ``cancel_button``, ``status_label``, ``results_table``, ``primary_only_check``, ``prompt_panel``,
-    ``export_panel``; ``progress_hook`` observes a run from the worker thread.
+    ``cancel_button``, ``progress_bar``, ``status_label``, ``model_notice``, ``input_notice``,
+    ``segmentation_notice``, ``heatmap_legend``, ``results_table``, ``primary_only_check``,
+    ``prompt_panel``, ``organ_panel``, ``export_panel``; ``progress_hook`` observes a run from the
+    worker thread.
     """
 
     def __init__(self, viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
@@ -91,11 +96,15 @@ class DetectWidget(QWidget):
         self._run_info: dict[str, Any] = {}
         self._organ_layer: Any = None
         self._centroids: dict[str, np.ndarray | None] = {}
-        self._heatmaps: dict[str, np.ndarray] = {}
+        self._heatmaps: dict[str, Any] = {}
+        self._heatmap_layer: Any = None
         self._heatmap_tasks: list[Task] = []
         #: called as ``hook(done, total, message)`` in the worker thread before each progress
         #: update (scripts, benchmarks and tests use it to observe or pause a run)
         self.progress_hook: Any = None
+        self._hooked_layers: weakref.WeakSet = weakref.WeakSet()
+        self._stages: tuple[str, ...] = ()
+        self._stage: str | None = None
 
         # ---- inputs
         self.image_combo = QComboBox()
@@ -141,6 +150,10 @@ class DetectWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.detect_button, 1)
         buttons.addWidget(self.cancel_button)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setObjectName("ctvlp_progress")
+        self.progress_bar.setTextVisible(True)
+        self.progress_bar.setVisible(False)
         self.status_label = QLabel("Choose a CT image layer and press Detect.")
         self.status_label.setWordWrap(True)
         self.input_notice = QLabel("")
@@ -148,6 +161,10 @@ class DetectWidget(QWidget):
         self.input_notice.setWordWrap(True)
         self.input_notice.setStyleSheet("QLabel { color: #ffb000; }")
         self.input_notice.setVisible(False)
+        self.heatmap_legend = QLabel("")
+        self.heatmap_legend.setObjectName("ctvlp_heatmap_legend")
+        self.heatmap_legend.setWordWrap(True)
+        self.heatmap_legend.setVisible(False)
         self.segmentation_notice = QLabel("")
         self.segmentation_notice.setObjectName("ctvlp_segmentation_notice")
         self.segmentation_notice.setWordWrap(True)
@@ -159,6 +176,7 @@ class DetectWidget(QWidget):
         self.prompt_panel = PromptPanel(notify=self._message)
         self.prompt_panel.heatmap_ready.connect(self._show_heatmap)
         self.export_panel = ExportPanel(self._export_source, notify=self._message)
+        self.organ_panel = OrganStatsPanel(notify=self._message)
         self.primary_only_check = QCheckBox("only each abnormality's own anatomy (bold rows)")
         self.primary_only_check.toggled.connect(self.results_table.set_primary_only)
         # a clinician first wants each finding in its own organ (18 rows); untick for the full matrix
@@ -168,14 +186,17 @@ class DetectWidget(QWidget):
         results_layout.setContentsMargins(0, 0, 0, 0)
         results_layout.addWidget(self.primary_only_check)
         results_layout.addWidget(self.results_table)
+        results_layout.addWidget(self.heatmap_legend)
         self.tabs = QTabWidget()
         self.tabs.addTab(results_page, "Results")
         self.tabs.addTab(self.prompt_panel, "Prompts")
+        self.tabs.addTab(self.organ_panel, "Organs")
         self.tabs.addTab(self.export_panel, "Export")
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
         layout.addWidget(self.status_label)
         layout.addWidget(self.input_notice)
         layout.addWidget(self.segmentation_notice)
@@ -215,9 +236,9 @@ class DetectWidget(QWidget):
             combo.clear()
             for layer in self._input_layers(kind):
                 combo.addItem(layer.name)
-                if not getattr(layer, "_ctvlp_name_hooked", False):
+                if layer not in self._hooked_layers:
                     layer.events.name.connect(self.refresh_layers)
-                    layer._ctvlp_name_hooked = True
+                    self._hooked_layers.add(layer)
             idx = combo.findText(current)
             combo.setCurrentIndex(idx if idx >= 0 else (0 if combo.count() else -1))
             combo.blockSignals(False)
@@ -295,8 +316,8 @@ class DetectWidget(QWidget):
     # ----------------------------------------------------------------------- detection
     @property
     def busy(self) -> bool:
-        """True while a detection runs."""
-        return self.task is not None and not self.task.finished
+        """True while a detection runs (a cancelled one no longer counts: its result is dropped)."""
+        return self.task is not None and not self.task.finished and not self.task.cancel_event.is_set()
 
     def _layer(self, name: str) -> Any | None:
         return self.viewer.layers[name] if name and name in self.viewer.layers else None
@@ -350,32 +371,68 @@ class DetectWidget(QWidget):
             def report(done: int, total: int, message: str) -> None:
                 if hook is not None:
                     hook(done, total, message)
+                if cancel.is_set():  # stop at the engine's next report, also inside a long stage
+                    raise _engine.cancelled(message)
                 progress(done, total, message)
 
-            segmentation = info["segmentation"]
-            if isinstance(segmentation, np.ndarray):  # a mask layer: organ labels or TotalSegmentator ids
-                kind = _engine.mask_kind(segmentation, {"ctvlp_label_kind": info["mask_kind"]})
-                segmentation = _engine.mask_segmentation(segmentation, info["volume"], kind)
+            # model, then organs with the backend's own steps reported (a cancel stops inside them)
+            segmentation = _engine.prepare_segmentation(
+                info["volume"], info["segmentation"], checkpoint=info["checkpoint"], device=info["device"],
+                mask_kind_hint=info["mask_kind"], progress=report)
             return _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
                                          segmentation=segmentation, device=info["device"],
                                          progress=report, cancel=cancel)
 
-        self.task = Task(work, on_done=self._detection_done, desc="Detecting abnormalities", start=False)
+        task: Task | None = None
+
+        def done(outcome: Outcome) -> None:
+            if task is self.task and not task.cancel_event.is_set():
+                self._detection_done(outcome)
+            # a cancelled run already told the user and freed the widget: its outcome is dropped
+
+        task = Task(work, on_done=done, desc="Detecting abnormalities", start=False, on_progress=self._on_progress)
+        self.task = task
+        self._stages = _engine.detection_stages()
+        self._stage = None
+        self.progress_bar.setRange(0, len(self._stages))
+        self.progress_bar.setValue(0)
+        self.progress_bar.setFormat("starting...")
         self._set_busy(True)
         self.status_label.setText(f"Detecting abnormalities in {info['layer_name']}...")
         self.task.worker.start()
         return self.task
 
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        """Progress of the running detection (GUI thread): stage bar, sub-step in its text."""
+        stages = self._stages
+        if message in stages:
+            index = stages.index(message)
+            if self._stage in stages and index < stages.index(self._stage):
+                return  # detect() passes quickly through the stages the widget ran before it
+            self._stage = message
+            self.progress_bar.setValue(index)
+            self.progress_bar.setFormat(f"{message} ({index + 1}/{len(stages)})")
+        elif self._stage:
+            self.progress_bar.setFormat(f"{self._stage}: {message}")
+
     def cancel(self) -> None:
-        """The Cancel button: ask the running detection to stop."""
+        """The Cancel button: stop the running detection.
+
+        The widget is free again at once and nothing of the run will be added; the engine stops at
+        its next progress report (the worker ends shortly after, its outcome is dropped).
+        """
         if self.busy:
             self.task.cancel()
-            self.cancel_button.setEnabled(False)
-            self.status_label.setText("Cancelling...")
+            self._set_busy(False)
+            level, text = _engine.describe_error(_engine.cancelled("cancel"))
+            self._message(level, text)
+            if self.result is not None:
+                self.prompt_panel.set_scorer(_engine.ResultScorer(self.result))
 
     def _set_busy(self, busy: bool) -> None:
         self.detect_button.setEnabled(not busy)
         self.cancel_button.setEnabled(busy)
+        self.progress_bar.setVisible(busy)
         self.export_panel.export_button.setEnabled(not busy)
         if busy:
             self.prompt_panel.set_scorer(None)
@@ -395,14 +452,17 @@ class DetectWidget(QWidget):
         info, result = self._run_info, self.result
         for layer in [lyr for lyr in self.viewer.layers if lyr.metadata.get("ctvlp_heatmap")
                       and lyr.metadata.get(OWN_LAYER_KEY)]:
-            self.viewer.layers.remove(layer)  # heatmaps of the previous result (ours only)
+            self.viewer.layers.remove(layer)  # the heatmap of the previous result (ours only)
         self._heatmaps = {}
+        self._heatmap_layer = None
+        self.heatmap_legend.setVisible(False)
         labels, names = _engine.result_labels(result)
         self._organ_layer = self._put_layer(
             f"{info['layer_name']} organs (detected)", "labels", labels,
             _engine.organ_layer_kwargs(labels, info["volume"], names), replace_data=True)
         self.results_table.set_rows(_engine.result_rows(result))
         self.prompt_panel.set_scorer(_engine.ResultScorer(result))
+        self.organ_panel.set_rows(organ_statistics_rows(self._export_source()))
         self._centroids = {}
         n = self.results_table.rowCount()
         backend = _engine.backend_name(result)
@@ -446,7 +506,7 @@ class DetectWidget(QWidget):
             if result is not self.result:
                 return  # a newer detection replaced this one
             if outcome.ok:
-                self._show_heatmap(*outcome.value)
+                self._show_heatmap(outcome.value.name, outcome.value)
                 self.status_label.setText(f"{abnormality}: heatmap shown, view centred on the {anatomy}")
             else:
                 self._message("error", f"Heatmap of {abnormality} failed: {outcome.error}")
@@ -478,14 +538,39 @@ class DetectWidget(QWidget):
         camera.center = tuple(world_nd[displayed])
         return world_nd
 
-    def _show_heatmap(self, name: str, array: np.ndarray) -> Any:
-        array = np.asarray(array, dtype=np.float32)
-        self._heatmaps[name] = array
-        hi = float(np.nanmax(array)) if array.size else 1.0
-        lo = float(np.nanmin(array)) if array.size else 0.0
-        kwargs = {"colormap": "inferno", "blending": "additive", "opacity": 0.5,
-                  "contrast_limits": (lo, hi if hi > lo else lo + 1.0), "metadata": {"ctvlp_heatmap": name}}
-        return self._put_layer(f"heatmap: {name}", "image", array, kwargs, replace_data=True)
+    def _show_heatmap(self, name: str, heat: Any) -> Any:
+        """Show a heatmap in the one heatmap layer this widget keeps (replaced, renamed), with a colour bar."""
+        if not isinstance(heat, _engine.Heatmap):  # a plain array (scripts): mask and range it here
+            labels = _engine.result_labels(self.result)[0] if self.result is not None else None
+            heat = _engine.masked_heatmap(name, heat, labels)
+        self._heatmaps[name] = heat
+        kwargs = {"colormap": "inferno", "blending": "additive", "opacity": 0.5, "contrast_limits": heat.limits,
+                  "metadata": {"ctvlp_heatmap": name}}
+        layer = self._heatmap_layer
+        title = f"heatmap: {name}"
+        if layer is not None and layer in self.viewer.layers:
+            layer.data = self._run_info["display"].to_display(heat.array)
+            layer.contrast_limits_range = heat.limits
+            layer.contrast_limits = heat.limits
+            layer.metadata = {**layer.metadata, "ctvlp_heatmap": name}
+            layer.visible = True
+            if layer.name != title:
+                layer.name = title
+        else:
+            if title in self.viewer.layers and not self.viewer.layers[title].metadata.get(OWN_LAYER_KEY):
+                title = f"{title} (ctvlp)"  # never touch a user's layer of that name
+            layer = self._put_layer(title, "image", heat.array, kwargs, replace_data=True)
+            self._heatmap_layer = layer
+        colorbar = getattr(layer, "colorbar", None)  # napari >= 0.6: the legend on the canvas
+        if colorbar is not None:
+            colorbar.visible = True
+        lo, hi = heat.limits
+        self.heatmap_legend.setText(
+            f"Heatmap: {name}. Attention of the model (arbitrary units, {lo:.3g} dark .. {hi:.3g} bright, "
+            "colour bar at the top right); outside the body masked. It shows where the model looked, "
+            "not a lesion outline.")
+        self.heatmap_legend.setVisible(True)
+        return layer
 
     # --------------------------------------------------------------------- scripting
     def run_blocking(self, *, timeout: float | None = None) -> Any:
@@ -500,7 +585,9 @@ class DetectWidget(QWidget):
         return outcome.value if outcome.ok else None
 
     def _export_source(self) -> Any:
-        return None if self.result is None else _engine.export_source(self.result, extra_heatmaps=self._heatmaps)
+        if self.result is None:
+            return None
+        return _engine.export_source(self.result, extra_heatmaps={k: h.array for k, h in self._heatmaps.items()})
 
     def export_results(self, out_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
         """Export masks, results, heatmaps and statistics of the last detection to ``out_dir``.

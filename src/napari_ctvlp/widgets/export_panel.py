@@ -8,7 +8,6 @@ anything; the panel asks the user (:meth:`ExportPanel.confirm_overwrite`) first.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,12 +167,9 @@ def export_detection(
             written.append(Path(write_volume(np.asarray(source.heatmaps[name], dtype=np.float32),
                                              like=source.volume, path=out / filename, overwrite=True)))
     if statistics and out / STATISTICS_CSV not in written:
-        path = out / STATISTICS_CSV
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["region", "volume_ml", "mean_hu", "incomplete"])
-            writer.writeheader()
-            writer.writerows(organ_statistics_rows(source))
-        written.append(path)
+        from napari_ctvlp.widgets.organ_table import write_statistics_csv
+
+        written.append(write_statistics_csv(organ_statistics_rows(source), out / STATISTICS_CSV))
     logger.info("exported %d file(s) to %s", len(written), out)
     return list(dict.fromkeys(written))
 

@@ -34,13 +34,14 @@ from napari_ctvlp.widgets._worker import Outcome, Task
 from napari_ctvlp.widgets.results_table import VALUE_ROLE, ProbabilityBarDelegate
 
 if TYPE_CHECKING:
-    from napari_ctvlp.widgets._engine import PromptScore, ResultScorer, Robustness
+    from napari_ctvlp.widgets._engine import PromptCheck, PromptScore, ResultScorer, Robustness
 
 logger = logging.getLogger(__name__)
 _RED = QColor(230, 50, 50)
 #: columns of the per-anatomy table (the last two are filled by the robustness check)
 SCORE_COLUMNS = ("anatomy", "probability", "mean +- std", "flips")
 _GREY = QColor(128, 128, 128)
+ROBUSTNESS_TITLE = "Robustness (of the current prompt: press the button)"
 
 
 def _table(columns: tuple[str, ...], name: str) -> QTableWidget:
@@ -84,7 +85,7 @@ class PromptPanel(QWidget):
     ``status_label``; ``task`` is the running/last :class:`Task`.
     """
 
-    #: (layer name, heatmap array on the CT grid) for the prompt heatmap
+    #: (heatmap name, :class:`~napari_ctvlp.widgets._engine.Heatmap` on the CT grid) of the prompt
     heatmap_ready = Signal(str, object)
 
     def __init__(self, parent: QWidget | None = None, *, notify: Callable[[str, str], None] | None = None) -> None:
@@ -98,6 +99,7 @@ class PromptPanel(QWidget):
         self.prompt_edit = QLineEdit()
         self.prompt_edit.setPlaceholderText("Type a finding, e.g. small left pleural effusion")
         self.prompt_edit.returnPressed.connect(self.score)
+        self.prompt_edit.textChanged.connect(self._prompt_edited)
         self.score_button = QPushButton("Score")
         self.score_button.clicked.connect(self.score)
         row = QHBoxLayout()
@@ -125,7 +127,8 @@ class PromptPanel(QWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
         header.resizeSection(2, 110)
-        robust_box = QGroupBox("Robustness")
+        robust_box = QGroupBox(ROBUSTNESS_TITLE)
+        self.robust_box = robust_box
         rb = QVBoxLayout(robust_box)
         rb.setContentsMargins(4, 4, 4, 4)
         rb.addWidget(self.paraphrase_edit)
@@ -136,10 +139,19 @@ class PromptPanel(QWidget):
         self.heatmap_button.clicked.connect(self.show_heatmap)
         self.status_label = QLabel("Run a detection first: prompts reuse its image features.")
         self.status_label.setWordWrap(True)
+        self.prompt_notice = QLabel("")
+        self.prompt_notice.setObjectName("ctvlp_prompt_notice")
+        self.prompt_notice.setWordWrap(True)
+        self.prompt_notice.setStyleSheet("QLabel { color: #ffb000; }")
+        self.prompt_notice.setVisible(False)
+        #: the prompt the robustness view shows (None: nothing shown)
+        self.robustness_prompt: str | None = None
+        self.last_check: PromptCheck | None = None
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
+        layout.addWidget(self.prompt_notice)
         layout.addWidget(self.score_table)
         layout.addWidget(self.heatmap_button)
         layout.addWidget(robust_box, 1)
@@ -151,7 +163,8 @@ class PromptPanel(QWidget):
         """Use the features of a new detection (``None``: disable the panel)."""
         self._scorer = scorer
         self.score_table.setRowCount(0)
-        self.variants_table.setRowCount(0)
+        self._clear_robustness()
+        self.prompt_notice.setVisible(False)
         self.status_label.setText("Type a finding and press Enter." if scorer else
                                   "Run a detection first: prompts reuse its image features.")
         self._update_enabled()
@@ -201,7 +214,8 @@ class PromptPanel(QWidget):
         if text is None or self._scorer is None:
             return None
         scorer = self._scorer
-        return self._start(lambda progress, cancel: scorer.score(text), lambda o: self._show_scores(text, o))
+        return self._start(lambda progress, cancel: (scorer.score(text), scorer.check_prompt(text)),
+                           lambda o: self._show_scores(text, o))
 
     def _anatomy_row(self, anatomy: str) -> int:
         """Row of ``anatomy`` in ``score_table`` (appended when missing)."""
@@ -217,12 +231,32 @@ class PromptPanel(QWidget):
         return r
 
     def _show_scores(self, text: str, outcome: Outcome) -> None:
-        scores: list[PromptScore] = outcome.value
+        scores, check = outcome.value
         self.last_scores = scores
+        self.last_check = check
         self.score_table.setRowCount(0)  # a new prompt: the robustness columns are stale
+        if self.robustness_prompt != text:
+            self._clear_robustness()
         for s in scores:
             self.score_table.setItem(self._anatomy_row(s.anatomy), 1, _prob_item(s.probability))
+        self.prompt_notice.setText(" ".join(check.notes))
+        self.prompt_notice.setVisible(bool(check.notes))
         self.status_label.setText(f"'{text}' scored in {outcome.seconds:.2f} s")
+
+    def _clear_robustness(self) -> None:
+        """Empty the robustness view (it must never show another prompt than the current one)."""
+        self.robustness_prompt = None
+        self.last_robustness = None
+        self.variants_table.setRowCount(0)
+        self.robust_box.setTitle(ROBUSTNESS_TITLE)
+        table = self.score_table
+        for r in range(table.rowCount()):
+            for c in (2, 3):
+                table.setItem(r, c, QTableWidgetItem(""))
+
+    def _prompt_edited(self, text: str) -> None:
+        if self.robustness_prompt is not None and " ".join(text.split()) != self.robustness_prompt:
+            self._clear_robustness()
 
     def run_robustness(self) -> Task | None:
         """Score the finding with every template and each paraphrase; flag answers that flip."""
@@ -233,11 +267,15 @@ class PromptPanel(QWidget):
         paraphrases = tuple(p for p in paraphrases if p)
         scorer = self._scorer
         return self._start(lambda progress, cancel: scorer.robustness(text, paraphrases=paraphrases),
-                           self._show_robustness)
+                           lambda o: self._show_robustness(text, o))
 
-    def _show_robustness(self, outcome: Outcome) -> None:
+    def _show_robustness(self, text: str, outcome: Outcome) -> None:
+        if " ".join(self.prompt_edit.text().split()) != text:
+            return  # the prompt changed while it ran: not the current prompt's robustness
         rob: Robustness = outcome.value
         self.last_robustness = rob
+        self.robustness_prompt = text
+        self.robust_box.setTitle(f"Robustness of '{text}'")
         for row in rob.rows:
             r = self._anatomy_row(row.anatomy)
             if math.isnan(row.mean):
@@ -277,7 +315,7 @@ class PromptPanel(QWidget):
             if outcome.value is None:
                 self._message("warning", "this checkpoint gives no prompt heatmap")
                 return
-            self.heatmap_ready.emit(f"prompt: {text}", outcome.value)
+            self.heatmap_ready.emit(outcome.value.name, outcome.value)
 
         return self._start(lambda progress, cancel: scorer.heatmap(text), done)
 

@@ -108,14 +108,17 @@ class ProbabilityBarDelegate(QStyledItemDelegate):
         painter.restore()
 
 
-class _NumericItem(QTableWidgetItem):
-    """Item that sorts by its numeric value (not the displayed text)."""
+class NumericItem(QTableWidgetItem):
+    """Item that sorts by its numeric value (``VALUE_ROLE``), not the displayed text."""
 
     def __lt__(self, other: QTableWidgetItem) -> bool:
         a, b = self.data(VALUE_ROLE), other.data(VALUE_ROLE)
         if isinstance(a, float) and isinstance(b, float):
             return a < b
         return super().__lt__(other)
+
+
+_NumericItem = NumericItem
 
 
 class ResultsTable(QTableWidget):
