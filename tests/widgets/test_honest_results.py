@@ -93,11 +93,16 @@ def test_results_table_calls_at_operating_points_and_tooltips(ct_viewer, qtbot, 
             item = table.item(r, c)
             assert item.text() in item.toolTip(), (r, COLUMNS[c], item.text(), item.toolTip())
 
+    assert not table.isColumnHidden(COLUMNS.index("call")) and not widget.calls_notice.isVisible()
+
     widget.set_checkpoint(tiny_checkpoint)  # a checkpoint without operating points
     assert widget.run_blocking(timeout=120) is not None
     calls = {table.item(r, COLUMNS.index("call")).text() for r in range(table.rowCount())
              if table.item(r, 0).font().bold() and table.item(r, COLUMNS.index("assessable?")).text() == "yes"}
     assert calls == {NO_OPERATING_POINT}
+    # the column would only repeat it: hidden, and one line says so
+    assert table.isColumnHidden(COLUMNS.index("call"))
+    assert widget.calls_notice.isVisible() and "no operating point" in widget.calls_notice.text()
     table.sortItems(COLUMNS.index("call"), Qt.SortOrder.AscendingOrder)
 
 

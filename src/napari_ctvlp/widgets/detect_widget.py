@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LABELS_LAYER_CHOICE = "Labels layer..."
+NO_OPERATING_POINTS_NOTICE = ("This checkpoint stores no operating points: probabilities only, no positive/negative "
+                              "call (no operating point for any finding).")
 _LABELS_KEY = "__labels_layer__"
 #: metadata key marking layers this widget created (never offered as inputs)
 OWN_LAYER_KEY = "ctvlp_widget_layer"
@@ -185,6 +187,11 @@ class DetectWidget(QWidget):
         results_layout = QVBoxLayout(results_page)
         results_layout.setContentsMargins(0, 0, 0, 0)
         results_layout.addWidget(self.primary_only_check)
+        self.calls_notice = QLabel(NO_OPERATING_POINTS_NOTICE)
+        self.calls_notice.setObjectName("ctvlp_calls_notice")
+        self.calls_notice.setWordWrap(True)
+        self.calls_notice.setVisible(False)
+        results_layout.addWidget(self.calls_notice)
         results_layout.addWidget(self.results_table)
         results_layout.addWidget(self.heatmap_legend)
         self.tabs = QTabWidget()
@@ -460,7 +467,11 @@ class DetectWidget(QWidget):
         self._organ_layer = self._put_layer(
             f"{info['layer_name']} organs (detected)", "labels", labels,
             _engine.organ_layer_kwargs(labels, info["volume"], names), replace_data=True)
-        self.results_table.set_rows(_engine.result_rows(result))
+        rows = _engine.result_rows(result)
+        self.results_table.set_rows(rows)
+        has_ops = any(r.threshold is not None for r in rows)
+        self.results_table.show_calls(has_ops)
+        self.calls_notice.setVisible(not has_ops)
         self.prompt_panel.set_scorer(_engine.ResultScorer(result))
         self.organ_panel.set_rows(organ_statistics_rows(self._export_source()))
         self._centroids = {}
@@ -570,6 +581,7 @@ class DetectWidget(QWidget):
             "colour bar at the top right); outside the body masked. It shows where the model looked, "
             "not a lesion outline.")
         self.heatmap_legend.setVisible(True)
+        self.status_label.setText(f"{name}: heatmap shown")
         return layer
 
     # --------------------------------------------------------------------- scripting

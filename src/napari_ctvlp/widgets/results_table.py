@@ -154,7 +154,7 @@ class ResultsTable(QTableWidget):
                                     QHeaderView.ResizeMode.ResizeToContents)
         if not fill:
             header.setSectionResizeMode(COLUMNS.index("abnormality"), QHeaderView.ResizeMode.Stretch)
-            for name, width in (("probability", 100), ("call", 120), ("assessable?", 90)):
+            for name, width in (("probability", 90), ("std", 50), ("call", 120), ("assessable?", 85)):
                 header.setSectionResizeMode(COLUMNS.index(name), QHeaderView.ResizeMode.Fixed)
                 header.resizeSection(COLUMNS.index(name), width)
 
@@ -216,6 +216,10 @@ class ResultsTable(QTableWidget):
         self._set_resize_modes(fill=False)
         self.setUpdatesEnabled(True)
         self.set_primary_only(self._primary_only)
+
+    def show_calls(self, on: bool) -> None:
+        """Show the ``call`` column (hidden when the checkpoint has no operating point at all)."""
+        self.setColumnHidden(COLUMNS.index("call"), not on)
 
     def set_primary_only(self, on: bool) -> None:
         """Show only each abnormality's own anatomy (bold rows) or every anatomy."""
