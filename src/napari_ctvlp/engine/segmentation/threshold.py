@@ -1,9 +1,21 @@
 """HU-threshold fallback segmentation (no model weights needed).
 
-A geometric heuristic, not a model: body, lungs (left/right), airways, bone, spine, a mediastinum
-region and the heart, computed on a ~3 mm block-averaged grid in canonical RAS orientation and
-brought back to the input grid (nearest neighbour; the lung border is refined at full resolution).
-Values are :data:`napari_ctvlp.engine.anatomy.ORGAN_LABELS`.
+A geometric heuristic, not a model: body, lungs (left/right), trachea (and bronchi), bone, spine,
+the contrast-filled descending / abdominal aorta, a mediastinum region and the heart, computed on a
+~3 mm block-averaged grid in canonical RAS orientation and brought back to the input grid (nearest
+neighbour; the lung border is refined at full resolution). Values are
+:data:`napari_ctvlp.engine.anatomy.ORGAN_LABELS`.
+
+Anatomy rules: lungs are thick air regions inside the trunk (not the air between an arm and the
+chest wall); the trachea starts where the lungs are narrow, above their widest level (a central
+gas bubble at the lung bases is bowel or esophagus), and stops at the carina (the bronchi below
+go to their lung); bone has a cortex (contrast-filled heart chambers and vessels away from any
+cortical voxel are not bone); the aorta is a round contrast-blood blob in front of / left of the
+vertebral body followed from slice to slice. Not found: a non-enhanced aorta, an arterial-phase
+aorta brighter than ``cortical_hu`` (it reads as bone), the ascending aorta and arch, the
+esophagus. There is no real chest-CT reference in ``../shared/realdata``; the figures of
+``benchmarks/segmentation_dice.py`` are on abdominal CTs (lung bases, abdominal aorta) and
+synthetic chest phantoms.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ L_LEFT = ORGAN_BY_NAME["lung_left"].value
 L_RIGHT = ORGAN_BY_NAME["lung_right"].value
 TRACHEA = ORGAN_BY_NAME["trachea"].value
 HEART = ORGAN_BY_NAME["heart"].value
+AORTA = ORGAN_BY_NAME["aorta"].value
 MEDIASTINUM = ORGAN_BY_NAME["mediastinum"].value
 SPINE = ORGAN_BY_NAME["spine"].value
 BONE = ORGAN_BY_NAME["bone"].value
@@ -44,6 +57,16 @@ class ThresholdParams:
     bone_hu: float = 150.0
     bone_min_ml: float = 1.0
     spine_half_width_mm: float = 35.0
+    torso_open_mm: float = 9.0  # arms joined to the chest by thinner bridges are not torso
+    lung_min_radius_mm: float = 7.0  # thinner air slivers (between an arm and the chest wall) are no lung
+    lung_in_torso_fraction: float = 0.5  # air components mostly outside the torso (arm pits) are no lung
+    trachea_max_lung_fraction: float = 0.5  # trachea seed only where the lungs are narrow (apex/neck), not at the bases
+    cortical_hu: float = 300.0  # bone surface (3 mm blocks); marrow counts as bone only inside or near it
+    bone_near_mm: float = 20.0
+    blood_hu: tuple[float, float] = (120.0, 600.0)  # contrast-enhanced blood
+    aorta_area_mm2: tuple[float, float] = (120.0, 1800.0)  # cross-section of a round aorta
+    aorta_min_radius_mm: float = 5.0
+    aorta_min_length_mm: float = 15.0
 
 
 def _components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, np.ndarray]:
@@ -78,6 +101,31 @@ def body_mask(hu: np.ndarray, *, threshold: float = -500.0) -> np.ndarray:
     if counts.max() == 0:
         return np.zeros(hu.shape, dtype=bool)
     return _fill_slices(lab == counts.argmax())
+
+
+def torso_mask(hu: np.ndarray, body: np.ndarray, spacing, *, threshold: float = -500.0, open_mm: float = 9.0) -> np.ndarray:
+    """The trunk without the arms, per axial slice: the largest part of the tissue mask after an
+    in-plane opening (arms touching the chest through thin bridges fall off), grown back, holes filled.
+    Air between an arm and the chest wall is outside it; the lungs are inside."""
+    from scipy import ndimage as ndi
+
+    r = max(1, int(round(open_mm / min(spacing[0], spacing[1]))))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (xx**2 + yy**2) <= r * r
+    tissue = (hu > threshold) & body
+    out = np.zeros(hu.shape, dtype=bool)
+    for z in range(hu.shape[2]):
+        sl = tissue[:, :, z]
+        if not sl.any():
+            continue
+        core = ndi.binary_opening(sl, structure=disk)
+        lab, n = ndi.label(core)
+        if n == 0:
+            out[:, :, z] = ndi.binary_fill_holes(sl)
+            continue
+        largest = lab == (np.bincount(lab.ravel())[1:].argmax() + 1)
+        out[:, :, z] = ndi.binary_fill_holes(ndi.binary_dilation(largest, structure=disk) & sl)
+    return out
 
 
 def _find_airways(hu: np.ndarray, body: np.ndarray, spacing, p: ThresholdParams) -> np.ndarray:
@@ -117,6 +165,41 @@ def _find_airways(hu: np.ndarray, body: np.ndarray, spacing, p: ThresholdParams)
         if airway.sum() * np.prod(spacing) / 1000.0 < 250.0:  # no leak into the parenchyma
             return ndi.binary_dilation(airway) & (hu < p.air_hu)
     return np.zeros(hu.shape, dtype=bool)
+
+
+def _check_trachea(airways: np.ndarray, lungs: np.ndarray, p: ThresholdParams) -> tuple[np.ndarray, np.ndarray]:
+    """``(trachea, bronchi)`` of an airway tree, or empty masks when it cannot be the trachea.
+
+    The trachea starts where the lungs are narrow (apex, neck) above their widest level: at the
+    lung bases of an abdominal scan a central gas bubble is bowel or esophagus, not trachea. Below
+    the carina (the highest slice from which the airway is two separate parts) it is bronchi.
+    """
+    from scipy import ndimage as ndi
+
+    empty = np.zeros(airways.shape, dtype=bool)
+    zs = np.nonzero(airways.any(axis=(0, 1)))[0]
+    if zs.size == 0:
+        return empty, empty
+    area = lungs.sum(axis=(0, 1)).astype(float)
+    if area.max() > 0:
+        z_top = zs[-1]
+        z_widest = int(area.argmax())
+        if z_top <= z_widest or area[z_top] > p.trachea_max_lung_fraction * area.max():
+            logger.debug("airway candidate rejected: top slice %d at %.0f%% of the widest lung slice %d",
+                         z_top, 100 * area[z_top] / area.max(), z_widest)
+            return empty, empty
+    carina = None
+    for z in range(zs[-1], zs[0] - 1, -1):  # the first slice (from the top) where two parts run on down
+        lab, n = ndi.label(airways[:, :, z])
+        if n >= 2 and np.sort(np.bincount(lab.ravel())[1:])[-2] >= 2:
+            carina = z
+            break
+    if carina is None:
+        return airways, empty
+    trachea = airways.copy()
+    trachea[:, :, : carina + 1] = False
+    bronchi = airways & ~trachea
+    return trachea, bronchi
 
 
 def _split_lungs(lung: np.ndarray, midline_x: float) -> np.ndarray:
@@ -161,10 +244,23 @@ def _split_lungs(lung: np.ndarray, midline_x: float) -> np.ndarray:
     return out
 
 
-def _select_lungs(hu, air, p: ThresholdParams, voxel_ml: float) -> np.ndarray:
+def _select_lungs(hu, air, p: ThresholdParams, voxel_ml: float, torso: np.ndarray | None = None,
+                  spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    from scipy import ndimage as ndi
+
     lab, counts = _components(air, connectivity=6)  # 6: no leaks across a thin diaphragm
+    candidates = np.nonzero(counts * voxel_ml >= p.lung_min_ml)[0]
+    if candidates.size == 0:
+        return np.zeros(air.shape, dtype=bool)
+    radius = ndi.maximum(ndi.distance_transform_edt(air, sampling=spacing), lab, candidates)
     keep = []
-    for comp in np.nonzero(counts * voxel_ml >= p.lung_min_ml)[0]:
+    for comp, r in zip(candidates, np.atleast_1d(radius)):
+        if torso is not None and torso[lab == comp].mean() < p.lung_in_torso_fraction:
+            logger.debug("air component %d: %.1f ml, outside the trunk (arm pit?)", comp, counts[comp] * voxel_ml)
+            continue
+        if r < p.lung_min_radius_mm:
+            logger.debug("air component %d: %.1f ml, a sliver (%.1f mm thick)", comp, counts[comp] * voxel_ml, 2 * r)
+            continue
         vals = hu[lab == comp]
         dark = float((vals < -950.0).mean())
         med = float(np.median(vals))
@@ -175,6 +271,82 @@ def _select_lungs(hu, air, p: ThresholdParams, voxel_ml: float) -> np.ndarray:
             keep.append(comp)
         logger.debug("air component %d: %.1f ml, dark %.2f, median %.0f, p2 %.0f HU", comp, counts[comp] * voxel_ml, dark, med, p2)
     return np.isin(lab, keep) if keep else np.zeros(air.shape, dtype=bool)
+
+
+def _cortical_core(hu: np.ndarray, p: ThresholdParams) -> np.ndarray:
+    """Bone interiors: voxels above the cortical threshold with the marrow they enclose (per axial slice)."""
+    from scipy import ndimage as ndi
+
+    cortical = hu > p.cortical_hu
+    return _fill_slices(ndi.binary_closing(cortical, iterations=1) | cortical)
+
+
+def _find_aorta(hu: np.ndarray, body: np.ndarray, bone_core: np.ndarray, spine: np.ndarray, spacing,
+                p: ThresholdParams) -> np.ndarray:
+    """Contrast-filled descending / abdominal aorta: a round blood blob (``blood_hu``) in front of or
+    to the left of the vertebral body, followed from slice to slice (centre moving < 10 mm).
+
+    Needs contrast: without it the aorta's blood is soft tissue by HU and nothing is returned.
+    Canonical axes: +x patient's right, +y anterior, +z superior.
+    """
+    from scipy import ndimage as ndi
+
+    empty = np.zeros(hu.shape, dtype=bool)
+    if not spine.any():
+        return empty
+    sx, sy = float(spacing[0]), float(spacing[1])
+    blood = body & ~bone_core & (hu > p.blood_hu[0]) & (hu < p.blood_hu[1])
+    cortical = hu > p.cortical_hu
+    r = max(1, int(round(p.aorta_min_radius_mm / min(sx, sy) / 2)))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (xx**2 + yy**2) <= r * r
+    x = np.arange(hu.shape[0])[:, None]
+    y = np.arange(hu.shape[1])[None, :]
+    per_slice: list[list[tuple[float, float, np.ndarray]]] = []
+    for z in range(hu.shape[2]):
+        cands: list[tuple[float, float, np.ndarray]] = []
+        sp = spine[:, :, z]
+        if sp.any() and blood[:, :, z].any():
+            spx, spy = np.argwhere(sp).mean(axis=0)
+            front = np.argwhere(sp)[:, 1].max()  # anterior edge of the spine (+y anterior)
+            opened = ndi.binary_opening(blood[:, :, z], structure=disk)
+            lab, n = ndi.label(opened)
+            for i in range(1, n + 1):
+                m = lab == i
+                area = m.sum() * sx * sy
+                if not p.aorta_area_mm2[0] <= area <= p.aorta_area_mm2[1]:
+                    continue
+                radius = ndi.distance_transform_edt(m, sampling=(sx, sy)).max()
+                if radius < p.aorta_min_radius_mm or area > 2.2 * np.pi * radius**2:  # round, not a chamber
+                    continue
+                ring = ndi.binary_dilation(m, iterations=2) & ~m
+                if (cortical[:, :, z][ring]).mean() > 0.25:  # mostly walled in by cortex: marrow
+                    continue
+                cx, cy = float((x * m).sum() / m.sum()), float((y * m).sum() / m.sum())
+                dx_mm, dy_mm = (cx - spx) * sx, (cy - front) * sy
+                if -60.0 <= dx_mm <= 25.0 and -35.0 <= dy_mm <= 45.0:  # left/front of the vertebral body
+                    cands.append((cx, cy, m))
+        per_slice.append(cands)
+    # longest chain of candidates with centres < 10 mm apart in consecutive slices
+    best: list[tuple[int, np.ndarray]] = []
+    chains: list[list[tuple[int, float, float, np.ndarray]]] = []
+    for z, cands in enumerate(per_slice):
+        grown = []
+        for cx, cy, m in cands:
+            prev = [c for c in chains if c[-1][0] == z - 1
+                    and np.hypot((c[-1][1] - cx) * sx, (c[-1][2] - cy) * sy) < 10.0]
+            chain = (max(prev, key=len) if prev else []) + [(z, cx, cy, m)]
+            grown.append(chain)
+        chains = [c for c in chains if c[-1][0] >= z - 1] + grown
+        for c in grown:
+            if len(c) > len(best):
+                best = [(zz, mm) for zz, _, _, mm in c]
+    if len(best) * spacing[2] < p.aorta_min_length_mm:
+        return empty
+    out = np.zeros(hu.shape, dtype=bool)
+    for z, m in best:
+        out[:, :, z] = ndi.binary_dilation(m, structure=disk) & blood[:, :, z]
+    return out
 
 
 def _mediastinum_and_heart(hu, body, lungs, excluded, spine, spacing) -> tuple[np.ndarray, np.ndarray]:
@@ -241,9 +413,12 @@ def threshold_labels(
     labels = np.where(body, BODY, 0).astype(np.uint8)
 
     report(progress, 2, total, "threshold: airways and lungs")
+    torso = torso_mask(hu, body, spacing, threshold=p.body_hu, open_mm=p.torso_open_mm)
     airways = _find_airways(hu, body, spacing, p)
     air = (hu < p.air_hu) & body & ~airways
-    lung = _select_lungs(hu, air, p, voxel_ml)
+    lung = _select_lungs(hu, air, p, voxel_ml, torso, spacing)
+    trachea, bronchi = _check_trachea(airways, lung, p)  # gas that cannot be trachea stays body
+    airways = trachea | bronchi
     xs = np.nonzero(body.any(axis=(1, 2)))[0]
     midline = (xs[0] + xs[-1]) / 2.0 if xs.size else hu.shape[0] / 2.0
 
@@ -252,6 +427,15 @@ def threshold_labels(
 
     bone_lab, bone_counts = _components((hu > p.bone_hu) & body)
     bone = np.isin(bone_lab, np.nonzero(bone_counts * voxel_ml >= p.bone_min_ml)[0]) & (bone_lab > 0)
+    # bone has a cortex: contrast-filled blood (heart chambers, aorta) above bone_hu but away from
+    # any cortical voxel is not bone; marrow enclosed by the cortex or within bone_near_mm of it is
+    cortical = hu > p.cortical_hu
+    bone_core = _cortical_core(hu, p)
+    if cortical.any():
+        near = ndi.distance_transform_edt(~cortical, sampling=spacing) <= p.bone_near_mm
+        bone &= near | bone_core
+    else:
+        bone[:] = False
     bone = _fill_slices(ndi.binary_closing(bone, iterations=1) | bone)  # marrow inside the cortex (and the spinal canal inside the arch)
     bone_lab, bone_counts = _components(bone)
     spine = np.zeros(hu.shape, dtype=bool)
@@ -265,8 +449,12 @@ def threshold_labels(
         if hits.max() > 0:
             spine = (bone_lab == hits.argmax()) & near
 
+    aorta = _find_aorta(hu, body, bone_core, spine, spacing, p)
+    bone &= ~aorta
+    spine &= ~aorta
+
     if lung.any():
-        split = _split_lungs(lung, midline)
+        split = _split_lungs(lung | bronchi, midline)
         lung_full = np.zeros(hu.shape, dtype=np.uint8)
         for value in (L_LEFT, L_RIGHT):  # fill vessels per slice, per lung
             lung_full[_fill_slices(split == value) & ~bone] = value
@@ -274,14 +462,16 @@ def threshold_labels(
         lung_full = np.zeros(hu.shape, dtype=np.uint8)
 
     report(progress, 4, total, "threshold: mediastinum and heart")
-    excluded = (lung_full > 0) | bone | airways
+    excluded = (lung_full > 0) | bone | airways | aorta
     mediastinum, heart = _mediastinum_and_heart(hu, body, lung_full, excluded, spine, spacing)
+    heart &= ~aorta
 
     labels[bone] = BONE
     labels[spine] = SPINE
     labels[mediastinum] = MEDIASTINUM
     labels[heart] = HEART
-    labels[airways] = TRACHEA
+    labels[aorta] = AORTA
+    labels[trachea] = TRACHEA
     labels[lung_full > 0] = lung_full[lung_full > 0]
 
     report(progress, 5, total, "threshold: back to the input grid")
