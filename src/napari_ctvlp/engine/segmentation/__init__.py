@@ -311,7 +311,7 @@ def register_default_backends() -> None:
         "threshold",
         lambda volume, *, device="cpu", fast=True, progress=None: threshold.threshold_labels(volume, progress=progress),
         lambda *, fast=True: None,
-        description="HU thresholds and geometry; no weights; lungs, airways, bone, spine, heart, mediastinum, body",
+        description="HU thresholds and geometry; no weights; lungs, trachea, bone, spine, contrast aorta, heart, mediastinum, body",
     )
     from . import builtin
 
