@@ -151,12 +151,25 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() and (path / "training_state.json").is_file()
+
+
 def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest.json`` names; if a kill interrupted the swap of a re-saved checkpoint,
+    its previous copy (``.<name>.old``), else the newest complete ``checkpoints/step_*``."""
     pointer = run_dir / "latest.json"
     if not pointer.is_file():
         return None
     path = run_dir / json.loads(pointer.read_text())["checkpoint"]
-    return path if path.is_dir() else None
+    if _complete(path):
+        return path
+    previous = path.with_name(f".{path.name}.old")
+    if _complete(previous):
+        return previous
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if _complete(p)) \
+        if (run_dir / "checkpoints").is_dir() else []
+    return steps[-1] if steps else None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -298,27 +311,43 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
                        "supervision": supervision_record(config.tags, mosmos=mosmos)}
 
     def _save(tag: str, *, final: bool = False) -> Path:
+        # Written into a staging folder beside the target and swapped in whole, so the checkpoint
+        # latest.json points to is never deleted before its replacement is complete (a re-save of the
+        # same step after a resume used to rmtree it first; a kill then left nothing to resume from).
         target = run_dir / ("final" if final else f"checkpoints/{tag}")
+        staging = target.with_name(f".{target.name}.partial")
         if is_main:
-            if target.exists():
-                shutil.rmtree(target)
-            save_checkpoint(model, target, preprocessing=preprocessing,
+            if staging.exists():
+                shutil.rmtree(staging)
+            save_checkpoint(model, staging, preprocessing=preprocessing,
                             training={**training_record, "step": step, "total_steps": total_steps}, overwrite=True)
         if dist.distributed:
             torch.distributed.barrier()
         if not final:
-            save_training_state(target, optimizer=optimizer, scheduler=scheduler, rank=dist.rank,
+            save_training_state(staging, optimizer=optimizer, scheduler=scheduler, rank=dist.rank,
                                 generators=generators,
                                 progress={"step": step, "epoch": step // steps_per_epoch, "total_steps": total_steps})
             if dist.distributed:
                 torch.distributed.barrier()
-            if is_main:
+        if is_main:
+            previous = target.with_name(f".{target.name}.old")
+            if previous.exists():
+                shutil.rmtree(previous)
+            if target.exists():
+                os.replace(target, previous)
+            os.replace(staging, target)
+            if not final:
                 tmp = run_dir / "latest.json.tmp"
                 tmp.write_text(json.dumps({"checkpoint": f"checkpoints/{tag}", "step": step}))
                 os.replace(tmp, run_dir / "latest.json")
-                olds = sorted(p for p in (run_dir / "checkpoints").iterdir() if p.is_dir() and p != target)
+            shutil.rmtree(previous, ignore_errors=True)
+            if not final:
+                olds = sorted(p for p in (run_dir / "checkpoints").iterdir()
+                              if p.is_dir() and p != target and not p.name.startswith("."))
                 for old in olds[: max(0, len(olds) - 1)]:  # keep the newest two
                     shutil.rmtree(old, ignore_errors=True)
+        if dist.distributed:
+            torch.distributed.barrier()
         return target
 
     use_amp = device.type == "cuda" and bool(tp.get("bf16", True))

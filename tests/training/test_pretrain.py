@@ -139,3 +139,34 @@ def test_pretrained_text_layers_get_their_own_rate() -> None:
     assert {g["name"] for g in pretrain.param_groups(random_text, 0.05, text_lr=1e-5, lr=3e-4)} == {"decay", "no_decay"}
     params = load_params(None, overrides=["optim.text_lr=2e-5"])
     assert params.optim["text_lr"] == 2e-5 and params.optim["text_warmup_steps"] is None
+
+
+def test_killed_resave_of_the_latest_checkpoint_stays_resumable(cache: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: a run killed while writing final/, resumed, then killed again while it re-saves the
+    very checkpoint latest.json points to, must still resume (the re-save used to delete it first)."""
+    import shutil
+
+    from napari_ctvlp.engine import checkpoint as ckpt_mod
+
+    out = tmp_path / "runs"
+    assert pretrain.main(tiny_argv(cache, out, "twice")) == 0
+    run = out / "twice"
+    shutil.rmtree(run / "final")  # the first kill: during final/
+    pointed = json.loads((run / "latest.json").read_text())["checkpoint"]
+    real_save = ckpt_mod.save_checkpoint
+
+    def killed(*args, **kwargs):  # the second kill: in the middle of the re-save of that checkpoint
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(tiny_argv(cache, out, "twice", "--resume"))
+    assert (run / pointed / "model.safetensors").is_file() and (run / pointed / "training_state.json").is_file()
+    monkeypatch.setattr(ckpt_mod, "save_checkpoint", real_save)
+    assert pretrain.main(tiny_argv(cache, out, "twice", "--resume")) == 0
+    assert (run / "final" / "model.safetensors").is_file()
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no staging left
+    assert _losses(run) == _losses(out / "twice")  # metrics intact (4 steps)
+    assert len(_losses(run)) == 4
