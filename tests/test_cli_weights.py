@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import stat
 import time
 import zipfile
@@ -12,6 +11,7 @@ import pytest
 
 from napari_ctvlp.cli import main
 from napari_ctvlp.engine.segmentation.weights import model_folder, weights_status
+from tests._network import refuse_network
 from tests.engine._fake_totalseg import write_fake_total_fast
 
 
@@ -31,27 +31,7 @@ def weights(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def no_network(monkeypatch) -> list[object]:
-    attempts: list[object] = []
-    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def refuse(self, address, *args, **kwargs):
-        if self.family == socket.AF_UNIX:
-            return connect(self, address, *args, **kwargs)
-        attempts.append(address)
-        raise OSError(f"network blocked in tests: {address}")
-
-    def refuse_ex(self, address, *args, **kwargs):
-        if self.family == socket.AF_UNIX:
-            return connect_ex(self, address, *args, **kwargs)
-        return refuse(self, address)
-
-    def no_dns(host, *args, **kwargs):
-        attempts.append(host)
-        raise OSError(f"DNS blocked in tests: {host}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse_ex)
-    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    attempts = refuse_network(monkeypatch)
     return attempts
 
 

@@ -14,7 +14,6 @@ only the left/right classes see what the network saw).
 from __future__ import annotations
 
 import contextlib
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from napari_ctvlp.engine.segmentation import OrganSegmentation, dice, segment
 from napari_ctvlp.engine.segmentation.totalseg import needed_task_ids, totalseg_labels, unavailable_reason
 from napari_ctvlp.engine.volume import CTVolume
 
+from tests._network import refuse_network
 from tests.engine._fake_totalseg import write_fake_total_fast
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
@@ -91,27 +91,7 @@ def _offline_totalseg(mp: pytest.MonkeyPatch, weights: Path, home: Path):
     folder not created yet, and every socket refused; fails if anything tried the network."""
     mp.setenv("TOTALSEG_WEIGHTS_PATH", str(weights))
     mp.setenv("TOTALSEG_HOME_DIR", str(home / "not_yet_created"))
-    attempts: list[object] = []
-    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def refuse(self, address, *args, **kwargs):
-        if self.family == socket.AF_UNIX:  # nnU-Net's worker processes talk over local sockets
-            return connect(self, address, *args, **kwargs)
-        attempts.append(address)
-        raise OSError(f"network blocked in tests: {address}")
-
-    def refuse_ex(self, address, *args, **kwargs):
-        if self.family == socket.AF_UNIX:
-            return connect_ex(self, address, *args, **kwargs)
-        return refuse(self, address)
-
-    def no_dns(host, *args, **kwargs):
-        attempts.append(host)
-        raise OSError(f"DNS blocked in tests: {host}")
-
-    mp.setattr(socket.socket, "connect", refuse)
-    mp.setattr(socket.socket, "connect_ex", refuse_ex)
-    mp.setattr(socket, "getaddrinfo", no_dns)
+    attempts = refuse_network(mp)
     yield attempts
     assert attempts == [], f"TotalSegmentator tried the network: {attempts}"
 
