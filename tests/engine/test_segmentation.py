@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from napari_ctvlp.engine.segmentation import (
     segment,
 )
 from napari_ctvlp.engine.volume import CTVolume
+from tests._network import refuse_network
 
 REALDATA = Path(__file__).resolve().parents[2] / "../shared/realdata"
 
@@ -93,20 +93,7 @@ def no_totalseg_weights(tmp_path, monkeypatch):
 
 @pytest.fixture
 def blocked_network(monkeypatch):
-    attempts: list[object] = []
-
-    def refuse(self, address, *args, **kwargs):
-        attempts.append(address)
-        raise OSError(f"network blocked in tests: {address}")
-
-    def no_dns(host, *args, **kwargs):
-        attempts.append(host)
-        raise OSError(f"DNS blocked in tests: {host}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    return attempts
+    return refuse_network(monkeypatch, allow_local=False)
 
 
 @pytest.mark.parametrize(("fast", "command"), [(True, "totalseg_download_weights -t total_fast"), (False, "totalseg_download_weights -t total")])
