@@ -128,10 +128,8 @@ def choose_operating_points(labels: np.ndarray, probs: np.ndarray, names: tuple[
 def store_operating_points(checkpoint: str | Path, thresholds: dict[str, float], *, chosen_on: dict[str, Any]) -> Path:
     """Write ``operating_points`` into a checkpoint's ``config.json`` (atomic replace); the app
     then says positive/negative per finding. Returns the config path."""
-    import os
-    import tempfile
-
     from napari_ctvlp.engine.checkpoint import CONFIG_NAME
+    from napari_ctvlp.io import atomic_write
 
     directory = Path(checkpoint)
     directory = directory if directory.is_dir() else directory.parent
@@ -142,16 +140,7 @@ def store_operating_points(checkpoint: str | Path, thresholds: dict[str, float],
         "rule": "ROC point closest to (0, 1) of the mean-over-templates probability",
         "chosen_on": chosen_on,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(doc, indent=1))
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1)))
 
 
 def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
