@@ -104,6 +104,14 @@ class LocalisationResult:
     metrics: dict[str, Any]
 
 
+def _heatmap(session: Any, kind: str, k: int, *, grid: str) -> np.ndarray:
+    """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map)
+    of abnormality number ``k`` on ``grid``."""
+    if kind == "prompt":
+        return session.prompt_heatmap(ABNORMALITIES[k].term, grid=grid)
+    return session.abnormality_heatmap(ABNORMALITY_NAMES[k], grid=grid)
+
+
 def _cases(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
     names = []
     labels = root / "multi_abnormality_labels" / f"{split}_predicted_labels.csv"
@@ -154,7 +162,6 @@ def evaluate_localisation(
     aucs: dict[str, list[float]] = {k: [] for k in KINDS}
     per_finding: dict[str, dict[str, list[float]]] = {k: {n: [] for n in ABNORMALITY_NAMES} for k in KINDS}
     corr: dict[str, list[float]] = {k: [] for k in KINDS}
-    terms = [a.term for a in ABNORMALITIES]
     for i, (name, ct, masks, lesions) in enumerate(cases):
         volume = read_ct(ct)
         organs = read_labels(masks, like=volume)
@@ -164,16 +171,14 @@ def evaluate_localisation(
         session = result.session
         body = organs > 0
         for kind in KINDS:
-            maps = np.stack([session.prompt_heatmap(t, grid="model") if kind == "prompt"
-                             else session.abnormality_heatmap(n, grid="model")
-                             for t, n in zip(terms, ABNORMALITY_NAMES)])
+            maps = np.stack([_heatmap(session, kind, k, grid="model") for k in range(len(ABNORMALITY_NAMES))])
             corr[kind].append(cross_map_correlation(maps))
         for k, finding in enumerate(ABNORMALITY_NAMES):
             lesion = lesion_map == k + 1
             if not lesion.any():
                 continue
             for kind in KINDS:
-                heat = session.prompt_heatmap(terms[k]) if kind == "prompt" else session.abnormality_heatmap(finding)
+                heat = _heatmap(session, kind, k, grid="source")
                 hit = pointing_hit(heat, lesion, spacing=volume.spacing, tolerance_mm=tolerance_mm, within=body)
                 auc = voxel_auroc(heat, lesion, within=body)
                 hits[kind].append(hit)
