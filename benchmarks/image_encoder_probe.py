@@ -98,14 +98,15 @@ def linear_probe(model, train, valid) -> list[float]:
 
 def finetune_probe(model, train, valid, *, steps: int, lr: float, batch_size: int, eval_every: int,
                    seed: int) -> list[float]:
-    """Train ViT + anatomy pooling + a linear head with BCE on the labels; AUC every ``eval_every``."""
+    """Train ViT (+ dense fusion) + anatomy pooling + a linear head with BCE on the labels; AUC every ``eval_every``."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
     cfg = model.config
     head = nn.Linear(len(cfg.anatomies) * cfg.embed_dim, train[2].shape[1])
-    params = [*model.vit.parameters(), *model.anatomy_pooling.parameters(), *head.parameters()]
+    dense = model.dense.parameters() if model.dense is not None else ()
+    params = [*model.vit.parameters(), *dense, *model.anatomy_pooling.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     aucs: list[float] = []
@@ -166,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         model = CTVLP(getattr(CTVLPConfig, args.preset)())
         source = f"fresh CTVLPConfig.{args.preset}() (random init)"
     cfg = model.config
-    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.patch_size, cfg.token_weighting)
-    valid = _load_split(args.cache, args.valid_split, cfg.anatomies, cfg.patch_size, cfg.token_weighting)
+    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.feature_patch, cfg.token_weighting)
+    valid = _load_split(args.cache, args.valid_split, cfg.anatomies, cfg.feature_patch, cfg.token_weighting)
     print(f"{mode} probe of {source}; {len(train[0])} train / {len(valid[0])} valid volumes "
           f"of {args.cache}; torch threads {torch.get_num_threads()}")
     if mode == "linear":

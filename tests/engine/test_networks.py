@@ -39,7 +39,8 @@ def test_config_round_trip_and_presets() -> None:
         d = json.loads(json.dumps(cfg.to_dict()))
         assert CTVLPConfig.from_dict(d, strict=True) == cfg
     assert CTVLPConfig.tiny().token_grid == (4, 4, 4) and CTVLPConfig.tiny().num_tokens == 64
-    assert CTVLPConfig.phantom_cpu().token_grid == (8, 6, 6)
+    assert CTVLPConfig.phantom_cpu().token_grid == (8, 12, 12)  # dense features at stride 8
+    assert CTVLPConfig.phantom_cpu().vit_grid == (8, 6, 6)
     assert CTVLPConfig.vit_b().token_grid == (7, 16, 11)
     assert CTVLPConfig().anatomies == ANATOMY_NAMES and CTVLPConfig().tags == DEFAULT_TAGS
 

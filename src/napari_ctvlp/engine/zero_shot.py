@@ -171,7 +171,7 @@ def model_anatomy_masks(model: CTVLP, prepared: PreparedVolume, *, mask_mm: floa
         raise ValueError("prepared volume has no organ labels: pass organs= to preprocess (run a segmentation first)")
     anatomies = tuple(ANATOMY_BY_NAME[n] for n in model.config.anatomies)
     spacing = prepared.config.spacing_mm
-    f = _mask_factors(spacing, model.config.patch_size, mask_mm)
+    f = _mask_factors(spacing, model.config.feature_patch, mask_mm)
     organs = prepared.organs[:: f[0], :: f[1], :: f[2]]
     small = anatomy_masks(organs, spacing=tuple(s * k for s, k in zip(spacing, f)), anatomies=anatomies)
     for axis, k in enumerate(f):

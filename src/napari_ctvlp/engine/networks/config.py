@@ -24,8 +24,17 @@ TINY_TEXT_CONFIG: dict[str, int] = {
 }
 
 _TUPLE3_FIELDS = ("image_size", "patch_size")
+#: Windows the ``phantom_cpu`` convolutional stem sees besides the raw input, in model input
+#: units (the model input is the CT clipped to its preprocessing HU window and scaled to [-1, 1]; with the default
+#: [-1000, 1000] HU window, ``u = HU / 1000``): air/emphysema (-1000..-700 HU), lung
+#: (-1000..-300), mediastinum/soft tissue (-160..240) and calcium/metal (150..1000). A radiologist
+#: reads a chest CT in such windows; a network from random weights needs many steps to learn a
+#: 100-HU contrast (emphysema vs lung) that spans 5% of its input range.
+PHANTOM_STEM_WINDOWS: tuple[tuple[float, float], ...] = ((-1.0, -0.7), (-1.0, -0.3), (-0.16, 0.24), (0.15, 1.0))
 #: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
-_LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any"}
+_LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any", "stem": "patch",
+                                    "feature_stride": 0, "stem_windows": (),
+                                    "text_pooling": "text"}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -62,6 +71,10 @@ class CTVLPConfig:
         text_max_length: tokenizer truncation length of anatomy texts and prompts. 256 (MiniLM's
             training length) holds the finding sentence of 90-99% of positive CT-RATE lung texts
             (median 124 tokens; ``benchmarks/text_window_coverage.py``); 32 held 3-30%.
+        text_pooling: ``"text"`` (each text one sequence) or ``"sentences"`` (each sentence encoded
+            on its own, a text = the mean of its sentences; with a wholly frozen backbone the
+            sentence features are cached, which makes CPU training affordable). See
+            :class:`~napari_ctvlp.engine.networks.text_encoder.TextEncoder`.
         anatomies: anatomy groups pooled by the model, in query order (names of
             :data:`napari_ctvlp.engine.anatomy.ANATOMIES`).
         tags: MOSMOS tag vocabulary decoded by the tag decoder.
@@ -73,6 +86,16 @@ class CTVLPConfig:
         tag_context: where that context goes: ``"text"`` (MOSMOS eq. 6, CoOp: prepended to each
             tag's token embeddings inside the text encoder) or ``"decoder"`` (extra query tokens of
             the tag decoder; checkpoints written before 2026-12-01, whose config lacks this key).
+        stem: image encoder stem: ``"patch"`` (a plain ViT: one linear embedding per patch) or
+            ``"conv"`` (three stride-2 3D convolution stages before the patch convolution; the
+            patch must be divisible by 8).
+        stem_windows: ``(lo, hi)`` intensity windows in model input units that the convolutional
+            stem stacks as extra input channels (``clip((x - lo) / (hi - lo), 0, 1)``, rescaled to
+            [-1, 1]); e.g. lung and mediastinal windows. Empty: the raw input only.
+        feature_stride: ``0``: anatomy pooling, heatmaps and the tag decoder run on the ViT
+            tokens; ``4`` or ``8`` (``stem="conv"`` only): on dense features at that stride,
+            the upsampled tokens fused with the stem stage of that stride
+            (:class:`~napari_ctvlp.engine.networks.conv_stem.DenseFusion`).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -90,12 +113,16 @@ class CTVLPConfig:
     text_random_init: dict | None = None
     text_trainable_layers: int = 2
     text_max_length: int = 256
+    text_pooling: str = "text"
     anatomies: tuple[str, ...] = ANATOMY_NAMES
     tags: tuple[str, ...] = field(default=DEFAULT_TAGS)
     tag_decoder_layers: int = 2
     tag_context_length: int = 4
     tag_context: str = "text"
     token_weighting: str = "fraction"
+    stem: str = "patch"
+    feature_stride: int = 0
+    stem_windows: tuple[tuple[float, float], ...] = ()
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -123,6 +150,25 @@ class CTVLPConfig:
             raise ValueError(f"CTVLPConfig.token_weighting must be 'fraction' or 'any', got {self.token_weighting!r}")
         if self.tag_context not in ("text", "decoder"):
             raise ValueError(f"CTVLPConfig.tag_context must be 'text' or 'decoder', got {self.tag_context!r}")
+        if self.text_pooling not in ("text", "sentences"):
+            raise ValueError(f"CTVLPConfig.text_pooling must be 'text' or 'sentences', got {self.text_pooling!r}")
+        if self.stem not in ("patch", "conv"):
+            raise ValueError(f"CTVLPConfig.stem must be 'patch' or 'conv', got {self.stem!r}")
+        if self.stem == "conv" and any(p % 8 for p in self.patch_size):
+            raise ValueError(f"CTVLPConfig.stem 'conv' needs a patch_size divisible by 8, got {self.patch_size}")
+        try:
+            windows = tuple((float(lo), float(hi)) for lo, hi in self.stem_windows)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"CTVLPConfig.stem_windows must be (lo, hi) pairs, got {self.stem_windows!r}") from exc
+        if any(not hi > lo for lo, hi in windows):
+            raise ValueError(f"CTVLPConfig.stem_windows need hi > lo, got {self.stem_windows!r}")
+        if windows and self.stem != "conv":
+            raise ValueError("CTVLPConfig.stem_windows needs stem='conv'")
+        set_(self, "stem_windows", windows)
+        if self.feature_stride not in (0, 4, 8) or isinstance(self.feature_stride, bool):
+            raise ValueError(f"CTVLPConfig.feature_stride must be 0, 4 or 8, got {self.feature_stride!r}")
+        if self.feature_stride and self.stem != "conv":
+            raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
             raise ValueError(f"CTVLPConfig.tag_context_length must be >= 0, got {self.tag_context_length!r}")
         if self.hidden_size % self.num_heads:
@@ -150,13 +196,27 @@ class CTVLPConfig:
 
     # ------------------------------------------------------------------ geometry
     @property
-    def token_grid(self) -> tuple[int, int, int]:
+    def vit_grid(self) -> tuple[int, int, int]:
         """ViT token grid ``image_size // patch_size`` (display order)."""
         return tuple(s // p for s, p in zip(self.image_size, self.patch_size))  # type: ignore[return-value]
 
     @property
+    def feature_patch(self) -> tuple[int, int, int]:
+        """Voxels of the model grid behind one spatial feature: ``patch_size``, or
+        ``feature_stride`` in every axis with dense features."""
+        if self.feature_stride:
+            return (self.feature_stride,) * 3
+        return self.patch_size
+
+    @property
+    def token_grid(self) -> tuple[int, int, int]:
+        """Grid of the spatial features that anatomy pooling, heatmaps and the tag decoder use
+        (``image_size // feature_patch``; the ViT grid unless ``feature_stride`` is set)."""
+        return tuple(s // p for s, p in zip(self.image_size, self.feature_patch))  # type: ignore[return-value]
+
+    @property
     def num_tokens(self) -> int:
-        """Number of ViT tokens ``N = prod(token_grid)``."""
+        """Number of spatial features ``N = prod(token_grid)``."""
         d, h, w = self.token_grid
         return d * h * w
 
@@ -167,7 +227,7 @@ class CTVLPConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, tuple):
-                value = list(value)
+                value = [list(v) if isinstance(v, tuple) else v for v in value]
             elif isinstance(value, dict):
                 value = dict(value)
             out[f.name] = value
@@ -223,7 +283,8 @@ class CTVLPConfig:
         """Small model trainable on a CPU on the synthetic phantoms, with the real MiniLM."""
         base: dict[str, Any] = dict(
             image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
-            mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=1,
+            mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=0, text_pooling="sentences",
+            stem="conv", feature_stride=8, stem_windows=PHANTOM_STEM_WINDOWS,
         )
         return cls(**{**base, **overrides})
 

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from napari_ctvlp.engine.networks.anatomy_pooling import AnatomyEmbeddings, AnatomyPooling
 from napari_ctvlp.engine.networks.config import CTVLPConfig
+from napari_ctvlp.engine.networks.conv_stem import DenseFusion
 from napari_ctvlp.engine.networks.tag_decoder import TagDecoder, TagOutput
 from napari_ctvlp.engine.networks.text_encoder import TextEncoder
 from napari_ctvlp.engine.networks.vit3d import ViT3D
@@ -58,12 +59,21 @@ class CTVLP(nn.Module):
             config.image_size, config.patch_size, in_channels=config.in_channels,
             hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
             mlp_dim=config.mlp_dim, dropout=config.dropout,
-            gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing=config.gradient_checkpointing, stem=config.stem,
+            stem_windows=config.stem_windows,
         )
+        if config.feature_stride:
+            stage = {4: 1, 8: 2}[config.feature_stride]
+            self.dense: DenseFusion | None = DenseFusion(
+                config.hidden_size, self.vit.patch_embed.widths[stage], config.vit_grid, config.token_grid
+            )
+            self._dense_stage = stage
+        else:
+            self.dense = None
         self.text = TextEncoder(
             config.text_encoder, embed_dim=config.embed_dim, random_init=config.text_random_init,
             trainable_layers=config.text_trainable_layers, max_length=config.text_max_length,
-            allow_download=allow_download,
+            allow_download=allow_download, pooling=config.text_pooling,
         )
         self.anatomy_pooling = AnatomyPooling(
             len(config.anatomies), config.hidden_size, config.embed_dim, num_heads=config.num_heads
@@ -103,8 +113,13 @@ class CTVLP(nn.Module):
 
     # ------------------------------------------------------------------ image side
     def encode_image(self, image: Tensor) -> Tensor:
-        """Image ``[B, 1, D, H, W]`` (model grid, values in [-1, 1]) -> ViT tokens ``[B, N, C]``."""
-        return self.vit(image)
+        """Image ``[B, 1, D, H, W]`` (model grid, values in [-1, 1]) -> spatial features ``[B, N, C]``
+        on ``config.token_grid``: the ViT tokens, or the dense fused features when
+        ``config.feature_stride`` is set."""
+        tokens, stages = self.vit.forward_features(image)
+        if self.dense is None:
+            return tokens
+        return self.dense(tokens, stages[self._dense_stage])
 
     def masks_to_tokens(self, masks: Tensor) -> Tensor:
         """Anatomy masks ``[B, A, D, H, W]`` (bool) -> token masks ``[B, A, N]``.
@@ -119,7 +134,7 @@ class CTVLP(nn.Module):
                 f"anatomy masks have shape {tuple(masks.shape)}, expected [B, {', '.join(map(str, expected))}]"
             )
         b = masks.shape[0]
-        (gd, gh, gw), (pd, ph, pw) = self.config.token_grid, self.config.patch_size
+        (gd, gh, gw), (pd, ph, pw) = self.config.token_grid, self.config.feature_patch
         blocks = (masks != 0).reshape(b, a, gd, pd, gh, ph, gw, pw)
         if self.config.token_weighting == "fraction":
             return blocks.float().mean(dim=(3, 5, 7)).reshape(b, a, gd * gh * gw)
@@ -146,7 +161,10 @@ class CTVLP(nn.Module):
         return self.text.encode(texts)
 
     def encode_text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Pre-tokenized ``input_ids``/``attention_mask`` ``[T, L]`` -> embeddings ``[T, E]``."""
+        """Pre-tokenized ``input_ids``/``attention_mask`` ``[T, L]`` -> embeddings ``[T, E]``
+        (``text_pooling="text"`` only: token ids cannot be split into sentences; use :meth:`encode_text`)."""
+        if self.config.text_pooling != "text":
+            raise ValueError("encode_text_tokens needs text_pooling='text'; with 'sentences' pass strings to encode_text")
         return self.text(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ tags (MOSMOS)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from napari_ctvlp.engine.networks.conv_stem import ConvStem
+
 __all__ = ["Attention", "TransformerBlock", "ViT3D"]
 
 
@@ -80,6 +82,9 @@ class ViT3D(nn.Module):
         mlp_dim: MLP hidden width.
         dropout: dropout rate.
         gradient_checkpointing: recompute each block in the backward pass when training.
+        stem: ``"patch"`` (one linear patch embedding, the plain ViT) or ``"conv"``
+            (:class:`~.conv_stem.ConvStem`: strided 3D convolutions, then the patch convolution).
+        stem_windows: intensity windows the convolutional stem adds as input channels.
 
     Forward: ``[B, in_channels, D, H, W]`` -> tokens ``[B, N, C]`` with
     ``N = prod(image_size // patch_size)`` in C (row-major) order over the token grid.
@@ -97,6 +102,8 @@ class ViT3D(nn.Module):
         mlp_dim: int = 3072,
         dropout: float = 0.0,
         gradient_checkpointing: bool = False,
+        stem: str = "patch",
+        stem_windows: Sequence[Sequence[float]] = (),
     ) -> None:
         super().__init__()
         image_size = tuple(int(s) for s in image_size)
@@ -118,8 +125,14 @@ class ViT3D(nn.Module):
         self.grid = tuple(s // p for s, p in zip(image_size, patch_size))
         self.num_tokens = math.prod(self.grid)
         self.gradient_checkpointing = gradient_checkpointing
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        self.stem = stem
 
-        self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        if stem == "conv":
+            self.patch_embed: nn.Module = ConvStem(in_channels, hidden_size, patch_size, windows=stem_windows)
+        else:
+            self.patch_embed = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size))
         self.pos_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
@@ -141,16 +154,24 @@ class ViT3D(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Image ``[B, in_channels, D, H, W]`` -> tokens ``[B, N, C]``."""
+        return self.forward_features(x)[0]
+
+    def forward_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Image -> ``(tokens [B, N, C], stem stages)``; the stage list is empty for ``stem="patch"``."""
         expected = (self.in_channels, *self.image_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"ViT3D input has shape {tuple(x.shape)}, expected [B, {', '.join(map(str, expected))}]"
             )
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.stem == "conv":
+            x, stages = self.patch_embed(x)
+        else:
+            x, stages = self.patch_embed(x), []
+        x = x.flatten(2).transpose(1, 2)
         x = self.pos_drop(x + self.pos_embed)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.norm(x)
+        return self.norm(x), stages
