@@ -71,6 +71,22 @@ def token_masks(masks: np.ndarray, patch_size: Sequence[int], *, weighting: str 
     return blocks.any(axis=(2, 4, 6)).reshape(a, -1)
 
 
+def shift_volume(array: np.ndarray, shift: Sequence[int], *, fill: Any) -> np.ndarray:
+    """``array`` ``[..., D, H, W]`` moved by whole voxels ``shift`` along its last three axes; what
+    enters from outside the volume is ``fill`` (no wrap-around, unlike ``np.roll``)."""
+    out = np.full_like(array, fill)
+    src: list[slice] = [slice(None)] * (array.ndim - 3)
+    dst: list[slice] = list(src)
+    for n, k in zip(array.shape[-3:], shift):
+        k = int(k)
+        if abs(k) >= n:
+            return out
+        src.append(slice(max(0, -k), n - max(0, k)))
+        dst.append(slice(max(0, k), n - max(0, -k)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
 class CachedCTDataset:
     """Map-style dataset (``torch.utils.data.Dataset`` protocol) over a prepared cache.
 
@@ -87,6 +103,12 @@ class CachedCTDataset:
             numpy in the loader: much faster than on the batch).
         token_weighting: ``"any"`` (bool token masks) or ``"fraction"`` (share of each patch), as
             the model's ``CTVLPConfig.token_weighting``.
+        augment_image: training augmentation that keeps image and masks consistent: the volume
+            and its anatomy masks move together by up to ``max_shift`` voxels per axis (air and
+            "outside" enter at the border), and the intensities get a small random gain and
+            offset (at most 2% and 10 HU). No flips: a left-right flip would contradict the
+            report's laterality ("right lower lobe").
+        max_shift: largest shift per axis ``(D, H, W)`` in voxels.
     """
 
     def __init__(
@@ -100,6 +122,8 @@ class CachedCTDataset:
         tags: Sequence[str] | None = None,
         patch_size: Sequence[int] | None = None,
         token_weighting: str = "any",
+        augment_image: bool = False,
+        max_shift: Sequence[int] = (3, 4, 4),
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.split = split
@@ -120,6 +144,10 @@ class CachedCTDataset:
         self.image_size = tuple(self.preprocess["image_size"])
         self.patch_size = tuple(int(p) for p in patch_size) if patch_size is not None else None
         self.token_weighting = token_weighting
+        self.augment_image = bool(augment_image)
+        self.max_shift = tuple(int(m) for m in max_shift)
+        if len(self.max_shift) != 3 or min(self.max_shift) < 0:
+            raise ValueError(f"max_shift must be 3 non-negative integers, got {max_shift!r}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or any(
                 s % p for s, p in zip(self.image_size, self.patch_size))):
             raise ValueError(f"patch_size {self.patch_size} does not divide the cache grid {self.image_size}")
@@ -151,6 +179,21 @@ class CachedCTDataset:
                 texts.append(" ".join(sentences))
         return texts
 
+    def _augment(self, index: int, image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shift image and masks together; random gain/offset of the intensities (see ``augment_image``)."""
+        rng = np.random.default_rng([self.seed, self.epoch, int(index), 11])
+        shift = [int(rng.integers(-m, m + 1)) for m in self.max_shift]
+        lo = float(self.preprocess.get("hu_window", (-1000.0, 1000.0))[0])
+        hi = float(self.preprocess.get("hu_window", (-1000.0, 1000.0))[1])
+        air = float(np.clip(2.0 * (float(self.preprocess.get("pad_hu", lo)) - lo) / (hi - lo) - 1.0, -1.0, 1.0))
+        if any(shift):
+            image = shift_volume(image, shift, fill=np.float32(air))
+            masks = shift_volume(masks, shift, fill=False)
+        gain = 1.0 + float(rng.uniform(-0.02, 0.02))
+        offset = float(rng.uniform(-10.0, 10.0)) * 2.0 / (hi - lo)
+        image = np.clip(image * np.float32(gain) + np.float32(offset), -1.0, 1.0).astype(np.float32)
+        return image, masks
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 
@@ -162,13 +205,16 @@ class CachedCTDataset:
         width = int(entry["shape"][-1])
         masks = np.unpackbits(np.asarray(packed[self._channels]), axis=-1, count=width).astype(bool)
         texts = self.anatomy_texts(index)
+        image = np.asarray(image, dtype=np.float32)
+        if self.augment_image:
+            image, masks = self._augment(index, image, masks)
         mask_present = masks.reshape(masks.shape[0], -1).any(axis=1)
         present = mask_present & np.array([bool(t) for t in texts])
         report = " ".join(s for s in (entry.get("findings", ""), entry.get("impression", "")) if s).strip()
         labels = np.asarray(entry["labels"], dtype=np.int64)
         item: dict[str, Any] = {
             "index": int(index),
-            "image": torch.from_numpy(np.asarray(image, dtype=np.float32))[None],
+            "image": torch.from_numpy(np.ascontiguousarray(image))[None],
             "anatomy_masks": torch.from_numpy(masks),
             "present": torch.from_numpy(present),
             "texts": texts,
@@ -197,7 +243,8 @@ def make_collate(tokenizer: Any, *, max_length: int = 256,
 
     * ``text_input_ids``/``text_attention_mask`` ``[T, L]``: the present anatomy texts only;
     * ``text_index`` ``[B, A]`` long: row of each (sample, anatomy) text in those, ``-1`` if absent;
-    * ``report_input_ids``/``report_attention_mask`` ``[B, L]``: the whole reports.
+    * ``report_input_ids``/``report_attention_mask`` ``[B, L]``: the whole reports;
+    * ``present_texts`` and ``reports``: the same texts as strings (for sentence pooling).
     """
     import torch
 
@@ -229,6 +276,8 @@ def make_collate(tokenizer: Any, *, max_length: int = 256,
                         max_length=report_max_length or max_length, return_tensors="pt")
         batch["report_input_ids"], batch["report_attention_mask"] = tok["input_ids"], tok["attention_mask"]
         batch["texts"] = [it["texts"] for it in items]
+        batch["present_texts"] = texts  # row i of text_input_ids, as strings (sentence pooling)
+        batch["reports"] = [it["report"] for it in items]
         return batch
 
     return collate

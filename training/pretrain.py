@@ -73,8 +73,13 @@ class TrainStep(nn.Module):
         pooled = m.pool_anatomies(tokens, token_masks)
         present = batch["present"] & pooled.present
         b, a, e = pooled.embeddings.shape
-        flat = m.encode_text_tokens(batch["text_input_ids"], batch["text_attention_mask"]) \
-            if batch["text_input_ids"].shape[0] else pooled.embeddings.new_zeros((0, e))
+        sentences = m.config.text_pooling == "sentences"
+        if not batch["text_input_ids"].shape[0]:
+            flat = pooled.embeddings.new_zeros((0, e))
+        elif sentences:
+            flat = m.encode_text(batch["present_texts"])
+        else:
+            flat = m.encode_text_tokens(batch["text_input_ids"], batch["text_attention_mask"])
         index = batch["text_index"]
         text = pooled.embeddings.new_zeros((b, a, e)).to(flat.dtype)
         has = index >= 0
@@ -84,7 +89,8 @@ class TrainStep(nn.Module):
                "logit_scale": m.logit_scale.exp().clamp(max=100.0)}
         if self.mosmos:
             out["image_global"] = F.normalize(m.token_embeddings(tokens).mean(dim=1), dim=-1)
-            out["report_emb"] = m.encode_text_tokens(batch["report_input_ids"], batch["report_attention_mask"])
+            out["report_emb"] = m.encode_text(batch["reports"]) if sentences else \
+                m.encode_text_tokens(batch["report_input_ids"], batch["report_attention_mask"])
             out["tag_logits"] = m.decode_tags(tokens).logits
         return out
 
@@ -238,7 +244,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
 
     dataset = CachedCTDataset(dp["cache"], split=dp.get("split", "train"), augment_text=bool(dp["augment_text"]),
                               seed=seed, anatomies=config.anatomies, tags=config.tags if mosmos else None,
-                              patch_size=config.patch_size, token_weighting=config.token_weighting)
+                              patch_size=config.feature_patch, token_weighting=config.token_weighting,
+                              augment_image=bool(dp.get("augment_image", False)))
     cache_pre = dict(dataset.preprocess)
     expected = default_preprocess_config(config.image_size, params.preprocess.get("spacing_mm"),
                                          params.preprocess.get("hu_window")).to_dict()

@@ -215,3 +215,42 @@ def test_token_masks_match_the_model(cache: Path) -> None:
     assert frac.dtype == torch.float32 and 0 < float(frac[frac > 0].min()) < 1.0  # partial tokens exist
     with pytest.raises(ValueError, match="does not divide"):
         CachedCTDataset(cache, split="train", patch_size=(5, 8, 8))
+
+
+def test_shift_volume_moves_without_wrapping() -> None:
+    from training.data import shift_volume
+
+    a = np.arange(2 * 4 * 5 * 6, dtype=np.float32).reshape(2, 4, 5, 6)
+    out = shift_volume(a, (1, -2, 0), fill=-1.0)
+    np.testing.assert_array_equal(out[:, 1:, :3, :], a[:, :3, 2:, :])
+    assert (out[:, 0] == -1).all() and (out[:, :, 3:] == -1).all()
+    np.testing.assert_array_equal(shift_volume(a, (0, 0, 0), fill=0.0), a)
+    assert (shift_volume(a, (0, 9, 0), fill=7.0) == 7.0).all()
+
+
+def test_image_augmentation_moves_masks_with_the_image(cache: Path) -> None:
+    import torch
+
+    plain = CachedCTDataset(cache, split="train", augment_text=False)
+    aug = CachedCTDataset(cache, split="train", augment_text=False, augment_image=True, max_shift=(2, 2, 2), seed=3)
+    for i in range(len(plain)):
+        a, b = plain[i], aug[i]
+        if not torch.equal(a["anatomy_masks"], b["anatomy_masks"]):
+            break
+    else:
+        pytest.fail("no item was shifted")
+    # find the shift that maps the plain masks onto the augmented ones; the image moved by the same
+    from training.data import shift_volume
+
+    m, n = a["anatomy_masks"].numpy(), b["anatomy_masks"].numpy()
+    hits = [(dz, dy, dx) for dz in range(-2, 3) for dy in range(-2, 3) for dx in range(-2, 3)
+            if np.array_equal(shift_volume(m, (dz, dy, dx), fill=False), n)]
+    assert len(hits) == 1
+    moved = shift_volume(a["image"].numpy()[0], hits[0], fill=-1.0)
+    inside = n.any(0)
+    corr = np.corrcoef(moved[inside], b["image"].numpy()[0][inside])[0, 1]
+    assert corr > 0.99 and float(np.abs(moved[inside] - b["image"].numpy()[0][inside]).max()) < 0.05
+    assert b["image"].min() >= -1.0 and b["image"].max() <= 1.0
+    assert torch.equal(aug[i]["image"], b["image"])  # deterministic per (seed, epoch, index)
+    aug.set_epoch(1)
+    assert not torch.equal(aug[i]["image"], b["image"])
