@@ -48,10 +48,18 @@ def test_segmentation_and_device_pickers(make_napari_viewer, qtbot):
     texts = [combo.itemText(i) for i in range(combo.count())]
     assert texts[0] == "auto" and texts[-1] == LABELS_LAYER_CHOICE
     for name, reason in available_backends().items():
-        idx = combo.findText(name)
+        idx = combo.findData(name)
         assert combo.model().item(idx).isEnabled() == (reason is None)
+        # the item says whether it is ready; the tooltip says what is missing and how to fix it
+        assert combo.itemText(idx).startswith(f"{name}: ") and ("ready" in combo.itemText(idx))
         if reason:
+            assert "not ready" in combo.itemText(idx)
             assert reason in combo.itemData(idx, Qt.ItemDataRole.ToolTipRole)
+        else:
+            assert combo.itemText(idx) == f"{name}: ready"
+    tip = combo.itemData(combo.findData("totalsegmentator"), Qt.ItemDataRole.ToolTipRole)
+    if available_backends().get("totalsegmentator"):
+        assert "missing" in tip and "napari-ctvlp weights" in tip
     assert not widget._form.isRowVisible(widget.labels_combo)
     widget.set_segmentation(LABELS_LAYER_CHOICE)
     assert widget._form.isRowVisible(widget.labels_combo)

@@ -245,6 +245,30 @@ def segmentation_backends() -> dict[str, str | None]:
     return available_backends()
 
 
+def segmentation_picker_items() -> list[tuple[str, str, bool, str]]:
+    """``(backend, item text, ready, tooltip)`` per backend, in ``auto`` order, for the picker.
+
+    The text says whether the backend is ready (``"totalsegmentator: not ready (weights missing)"``);
+    the tooltip gives its description, each missing piece (for TotalSegmentator: each model
+    folder) and the fix (``napari-ctvlp weights import PATH`` / ``weights download``).
+    """
+    from napari_ctvlp.engine.segmentation import backend_readiness
+
+    items = []
+    for name, r in backend_readiness().items():
+        if r.ready:
+            text, tip = f"{name}: ready", r.description
+        else:
+            why = " ".join((r.reason or "", *r.missing)).lower()
+            short = "not installed" if "not installed" in why else "weights missing" if "weights" in why else "unavailable"
+            text = f"{name}: not ready ({short})"
+            lines = [r.description, f"unavailable: {r.reason}"]
+            lines += [f"missing: {m}" for m in r.missing if m != r.reason]
+            tip = "\n".join(lines)
+        items.append((name, text, r.ready, tip))
+    return items
+
+
 def cuda_unavailable_reason() -> str | None:
     """None when CUDA can be used, else a tooltip saying why not."""
     import torch

@@ -292,19 +292,20 @@ class DetectWidget(QWidget):
         combo = self.segmentation_combo
         combo.addItem("auto", "auto")
         combo.setItemData(0, "first available: TotalSegmentator, built-in, threshold", Qt.ItemDataRole.ToolTipRole)
-        for name, reason in _engine.segmentation_backends().items():
-            combo.addItem(name, name)
+        for name, text, ready, tip in _engine.segmentation_picker_items():
+            combo.addItem(text, name)
             idx = combo.count() - 1
-            if reason:
+            combo.setItemData(idx, tip, Qt.ItemDataRole.ToolTipRole)
+            if not ready:
                 combo.model().item(idx).setEnabled(False)
-                combo.setItemData(idx, f"unavailable: {reason}", Qt.ItemDataRole.ToolTipRole)
         combo.addItem(LABELS_LAYER_CHOICE, _LABELS_KEY)
         combo.setItemData(combo.count() - 1, "use an existing Labels layer as the organ mask",
                           Qt.ItemDataRole.ToolTipRole)
 
     def set_segmentation(self, choice: str) -> None:
         """Select a backend name, ``"auto"`` or :data:`LABELS_LAYER_CHOICE`."""
-        idx = self.segmentation_combo.findText(choice)
+        combo = self.segmentation_combo
+        idx = combo.findText(choice) if choice == LABELS_LAYER_CHOICE else combo.findData(choice)
         if idx < 0:
             raise ValueError(f"unknown segmentation choice {choice!r}")
         self.segmentation_combo.setCurrentIndex(idx)
