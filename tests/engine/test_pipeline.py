@@ -175,6 +175,16 @@ def test_cancel_between_stages(case, checkpoint) -> None:
     with pytest.raises(DetectionCancelled, match="image features"):
         detect(case["volume"], checkpoint=checkpoint, segmentation=case["organs"], cancel=late, progress=progress)
     assert seen[:4] == ["read", "model", "segmentation", "preprocess"]
+    # a cancel during the image stage stops inside it, before the image encoder runs
+    inside = threading.Event()
+
+    def progress_inside(done: int, total: int, message: str) -> None:
+        if message == "image features":
+            inside.set()
+
+    with pytest.raises(DetectionCancelled, match="image encoder|anatomy masks"):
+        detect(case["volume"], checkpoint=checkpoint, segmentation=case["organs"], cancel=inside,
+               progress=progress_inside)
 
 
 def test_pickle_checkpoint_is_refused(case, tmp_path) -> None:

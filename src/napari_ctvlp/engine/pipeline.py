@@ -369,7 +369,8 @@ def detect(
     timings["preprocess"] = time.perf_counter() - t
 
     t = stage(4, "image features")
-    features = encode_volume(model, prepared)
+    # the image side reports its own steps (masks, encoder, pooling): a cancel stops between them
+    features = encode_volume(model, prepared, progress=lambda done, n, message: _check_cancel(cancel, message))
     timings["image_features"] = time.perf_counter() - t
     timings.update({f"image_features.{k}": v for k, v in features.timings.items()})
 
