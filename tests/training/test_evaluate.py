@@ -86,10 +86,15 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
 def test_supervision_of_older_and_unknown_checkpoints() -> None:
     from napari_ctvlp.engine.checkpoint import load_checkpoint
 
-    shipped = load_checkpoint(Path(__file__).resolve().parents[2] / "src/napari_ctvlp/models/ctvlp_phantom_demo")
-    sup = ev.supervision_of(shipped.meta)  # trained before tags came from the report text
+    # a training record written before tag targets came from the report text (no "supervision" key)
+    old = {"training": {"params": {"loss": {"mosmos": True}, "model": {"preset": "phantom_cpu"}}}}
+    sup = ev.supervision_of(old)
     assert sup["label_file_used"] is True and len(sup["labels_seen"]) == 18
     assert ev.supervision_of({})["label_file_used"] is None
+    # the shipped demo was trained on report-derived tags only
+    shipped = load_checkpoint(Path(__file__).resolve().parents[2] / "src/napari_ctvlp/models/ctvlp_phantom_demo")
+    now = ev.supervision_of(shipped.meta)
+    assert now["label_file_used"] is False and now["tag_targets"] == "report_text"
 
 
 def test_binary_metrics_agree_with_scikit_learn() -> None:

@@ -189,3 +189,23 @@ def test_hybrid_encoder_with_sentence_pooling_trains_and_resumes_exactly(cache: 
     loaded = load_checkpoint(tmp_path / "straight" / "final")
     assert loaded.config.stem == "conv" and loaded.config.token_grid == (8, 8, 8)
     assert loaded.config.text_pooling == "sentences" and loaded.config.stem_windows == ((-1.0, -0.3), (-0.16, 0.24))
+
+
+def test_export_halves_the_weights_and_keeps_the_record(cache: Path, straight_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+    from training.export import main as export_main
+
+    card = tmp_path / "card.md"
+    card.write_text("# test card\n")
+    out = tmp_path / "shipped"
+    assert export_main(["--checkpoint", str(straight_run / "final"), "--out", str(out), "--model-card", str(card)]) == 0
+    src, dst = load_checkpoint(straight_run / "final"), load_checkpoint(out)
+    assert dst.meta["weights_dtype"] == "float16" and dst.model_card == "# test card\n"
+    assert dst.meta["training"] == src.meta["training"] and dst.config == src.config
+    a, b = src.model.state_dict(), dst.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k].half().float(), rtol=0, atol=0, msg=k)
+    assert export_main(["--checkpoint", str(straight_run / "final"), "--out", str(out)]) == 2  # exists
+    assert export_main(["--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
