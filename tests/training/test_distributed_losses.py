@@ -50,6 +50,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         w_grad /= WORLD
         torch.save({"parts": parts, "x_grad": x_local.grad, "t_grad": t_local.grad, "w_grad": w_grad},
                    Path(out_dir) / f"rank{rank}.pt")
+        # both ranks finish their collectives before either tears gloo down: a rank that destroys
+        # the group while the other is still in all_reduce aborts ("terminate called without an
+        # active exception"), seen once under a loaded CPU
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
