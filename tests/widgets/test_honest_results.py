@@ -95,6 +95,18 @@ def test_results_table_calls_at_operating_points_and_tooltips(ct_viewer, qtbot, 
 
     assert not table.isColumnHidden(COLUMNS.index("call")) and not widget.calls_notice.isVisible()
 
+    # the same weights and operating points, marked as a phantom-trained demo: calls are muted and explained
+    (ckpt / "MODEL_CARD.md").write_text("# Small model\n\nPhantom-trained demo weights.\n")
+    widget.set_checkpoint(ckpt)
+    assert widget.run_blocking(timeout=120) is not None
+    cardio = _cells(table, "heart", "Cardiomegaly")["call"]
+    assert cardio.text() == "positive (demo)" and cardio.text() in cardio.toolTip()
+    assert "phantom-trained demo model" in cardio.toolTip() and "means nothing" in cardio.toolTip()
+    from napari_ctvlp.widgets.results_table import _GREY, _POSITIVE
+
+    assert cardio.foreground().color() == _GREY != _POSITIVE
+    assert _cells(table, "lung", "Emphysema")["call"].text() == "negative (demo)"
+
     widget.set_checkpoint(tiny_checkpoint)  # a checkpoint without operating points
     assert widget.run_blocking(timeout=120) is not None
     calls = {table.item(r, COLUMNS.index("call")).text() for r in range(table.rowCount())

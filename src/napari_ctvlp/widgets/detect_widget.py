@@ -469,7 +469,7 @@ class DetectWidget(QWidget):
             f"{info['layer_name']} organs (detected)", "labels", labels,
             _engine.organ_layer_kwargs(labels, info["volume"], names), replace_data=True)
         rows = _engine.result_rows(result)
-        self.results_table.set_rows(rows)
+        self.results_table.set_rows(rows, demo_model=_engine.model_notice(info.get("checkpoint")) is not None)
         has_ops = any(r.threshold is not None for r in rows)
         self.results_table.show_calls(has_ops)
         self.calls_notice.setVisible(not has_ops)

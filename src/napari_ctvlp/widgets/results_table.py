@@ -20,6 +20,9 @@ from qtpy.QtWidgets import (
 
 NOT_ASSESSABLE = "not assessable"
 NO_OPERATING_POINT = "no operating point"
+#: Added to a call's tooltip when the checkpoint is the phantom-trained demo model.
+DEMO_CALL_NOTE = ("\nThis is the phantom-trained demo model: its operating points were chosen on synthetic "
+                  "phantoms, so on a real CT this call means nothing.")
 COLUMNS = ("anatomy", "abnormality", "probability", "std", "call", "assessable?")
 _GREY = QColor(128, 128, 128)
 #: item role holding the row's (anatomy, abnormality) key
@@ -158,8 +161,13 @@ class ResultsTable(QTableWidget):
                 header.setSectionResizeMode(COLUMNS.index(name), QHeaderView.ResizeMode.Fixed)
                 header.resizeSection(COLUMNS.index(name), width)
 
-    def set_rows(self, rows: Iterable[ResultRow]) -> None:
-        """Replace the table contents; sorted by probability, highest first."""
+    def set_rows(self, rows: Iterable[ResultRow], *, demo_model: bool = False) -> None:
+        """Replace the table contents; sorted by probability, highest first.
+
+        ``demo_model``: the checkpoint is phantom-trained (its model card says so). Its calls are
+        then written ``"positive (demo)"`` / ``"negative (demo)"`` in grey, not red, and their
+        tooltips say that its operating points come from phantoms and mean nothing on a real CT.
+        """
         rows = list(rows)
         self._set_resize_modes(fill=True)
         self.setUpdatesEnabled(False)
@@ -196,11 +204,15 @@ class ResultsTable(QTableWidget):
                 std.setData(VALUE_ROLE, -1.0)
                 prob.setToolTip(f"{NOT_ASSESSABLE}\n{row.anatomy} is not in the segmentation: no score")
                 std.setToolTip(f"{NOT_ASSESSABLE}\nno score")
-            call.setToolTip(_call_tooltip(row, ok))
+            if demo_model and row.call:
+                call.setText(f"{row.call} (demo)")
+                call.setToolTip(f"{row.call} (demo)\n{_call_tooltip(row, ok)}{DEMO_CALL_NOTE}")
+            else:
+                call.setToolTip(_call_tooltip(row, ok))
             items[5].setToolTip(f"{items[5].text()}\n" + ("the anatomy is in the organ mask" if ok else
                                                            f"the {row.anatomy} is not in the organ mask"))
             if row.call == "positive":
-                call.setForeground(QBrush(_POSITIVE))
+                call.setForeground(QBrush(_GREY if demo_model else _POSITIVE))
             for c, item in enumerate(items):
                 item.setData(KEY_ROLE, key)
                 item.setData(PRIMARY_ROLE, bool(row.primary))
