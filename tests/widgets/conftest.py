@@ -1,4 +1,5 @@
-"""Fixtures of the widget tests: a tiny random-weight checkpoint and a small chest-CT phantom."""
+"""Fixtures of the widget tests: a tiny random-weight checkpoint, a small chest-CT phantom, a widget
+set up to use the phantom's reference organs."""
 
 from __future__ import annotations
 
@@ -47,3 +48,21 @@ def ct_viewer(make_napari_viewer, phantom):
     data, kwargs, _ = organ_labels_layer(organs, volume, name="reference organs")
     viewer.add_labels(data, **kwargs)
     return viewer
+
+
+@pytest.fixture()
+def make_detect_widget(qtbot):
+    """``make(viewer, checkpoint)``: a DetectWidget on ``checkpoint`` with the viewer's "reference
+    organs" Labels layer as the organ mask, on the CPU."""
+    from napari_ctvlp.widgets.detect_widget import LABELS_LAYER_CHOICE, DetectWidget
+
+    def make(viewer, checkpoint):
+        widget = DetectWidget(viewer)
+        qtbot.addWidget(widget)
+        widget.set_checkpoint(checkpoint)
+        widget.set_segmentation(LABELS_LAYER_CHOICE)
+        widget.labels_combo.setCurrentText("reference organs")
+        widget.device_combo.setCurrentText("cpu")
+        return widget
+
+    return make

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import Qt
 
-from napari_ctvlp.widgets.detect_widget import LABELS_LAYER_CHOICE, DetectWidget
+from napari_ctvlp.widgets.detect_widget import DetectWidget
 from napari_ctvlp.widgets.results_table import NOT_ASSESSABLE
 
 pytestmark = pytest.mark.gui
@@ -28,16 +28,6 @@ def _same_layers(viewer, snapshot) -> bool:
         np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(now, snapshot))
 
 
-def _widget(viewer, qtbot, checkpoint) -> DetectWidget:
-    widget = DetectWidget(viewer)
-    qtbot.addWidget(widget)
-    widget.set_checkpoint(checkpoint)
-    widget.set_segmentation(LABELS_LAYER_CHOICE)
-    widget.labels_combo.setCurrentText("reference organs")
-    widget.device_combo.setCurrentText("cpu")
-    return widget
-
-
 def _detect(widget, qtbot) -> None:
     qtbot.mouseClick(widget.detect_button, Qt.MouseButton.LeftButton)
     assert widget.task is not None
@@ -49,10 +39,10 @@ def _click_row(qtbot, table, row: int) -> None:
     qtbot.mouseClick(table.viewport(), Qt.MouseButton.LeftButton, pos=rect.center())
 
 
-def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny_checkpoint):
+def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny_checkpoint, make_detect_widget):
     viewer = ct_viewer
     ct = viewer.layers["ct"]
-    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(viewer, tiny_checkpoint)
     assert "Tiny test model" in widget.model_card_text.toPlainText()
     before = _snapshot(viewer)
 
@@ -123,9 +113,9 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     assert widget.heatmap_legend.isVisibleTo(widget) and "Pleural effusion" in widget.heatmap_legend.text()
 
 
-def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_checkpoint):
+def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_checkpoint, make_detect_widget):
     viewer = ct_viewer
-    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(viewer, tiny_checkpoint)
     panel = widget.prompt_panel
     assert not panel.score_button.isEnabled()  # nothing to score before a detection
     _detect(widget, qtbot)
@@ -169,11 +159,12 @@ def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_chec
     assert [lyr.name for lyr in viewer.layers if lyr.metadata.get("ctvlp_heatmap")] == [name]  # one layer
 
 
-def test_export_round_trip_never_overwrites_without_asking(ct_viewer, qtbot, tiny_checkpoint, tmp_path, phantom):
+def test_export_round_trip_never_overwrites_without_asking(ct_viewer, qtbot, tiny_checkpoint, tmp_path, phantom,
+                                                           make_detect_widget):
     import nibabel as nib
 
     volume, organs = phantom
-    widget = _widget(ct_viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(ct_viewer, tiny_checkpoint)
     with pytest.raises(RuntimeError):
         widget.export_results(tmp_path / "early")
     _detect(widget, qtbot)
@@ -207,9 +198,9 @@ def test_export_round_trip_never_overwrites_without_asking(ct_viewer, qtbot, tin
     assert all(p.stat().st_mtime_ns >= stamp[p] for p in files)
 
 
-def test_cancel_stops_the_run_without_adding_layers(ct_viewer, qtbot, tiny_checkpoint):
+def test_cancel_stops_the_run_without_adding_layers(ct_viewer, qtbot, tiny_checkpoint, make_detect_widget):
     viewer = ct_viewer
-    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(viewer, tiny_checkpoint)
     reached, release = threading.Event(), threading.Event()
 
     def hook(done, total, message):  # runs in the worker thread: pause at the segmentation stage
@@ -233,7 +224,8 @@ def test_cancel_stops_the_run_without_adding_layers(ct_viewer, qtbot, tiny_check
     assert widget.messages[-1][0] == "info" and "cancel" in widget.messages[-1][1].lower()
 
 
-def test_errors_become_notifications_and_keep_layers(ct_viewer, make_napari_viewer, qtbot, tiny_checkpoint, tmp_path):
+def test_errors_become_notifications_and_keep_layers(ct_viewer, make_napari_viewer, qtbot, tiny_checkpoint, tmp_path,
+                                                     make_detect_widget):
     from napari.utils.notifications import notification_manager
 
     # no image layer at all
@@ -253,7 +245,7 @@ def test_errors_become_notifications_and_keep_layers(ct_viewer, make_napari_view
     (broken / "config.json").write_text("{not json")
     (broken / "model.safetensors").write_bytes(b"garbage")
     viewer = ct_viewer
-    widget = _widget(viewer, qtbot, broken)
+    widget = make_detect_widget(viewer, broken)
     before = _snapshot(viewer)
     n = len(notification_manager.records)
     _detect(widget, qtbot)
@@ -273,8 +265,8 @@ def test_errors_become_notifications_and_keep_layers(ct_viewer, make_napari_view
     assert _same_layers(viewer, before)
 
 
-def test_run_blocking_and_export_as_in_the_demo(ct_viewer, qtbot, tiny_checkpoint, tmp_path):
-    widget = _widget(ct_viewer, qtbot, tiny_checkpoint)
+def test_run_blocking_and_export_as_in_the_demo(ct_viewer, qtbot, tiny_checkpoint, tmp_path, make_detect_widget):
+    widget = make_detect_widget(ct_viewer, tiny_checkpoint)
     result = widget.run_blocking(timeout=60)
     assert result is not None and result is widget.result
     assert not any(math.isnan(v) for v in [r["std"] for r in result.rows() if r["assessable"]])
@@ -282,9 +274,9 @@ def test_run_blocking_and_export_as_in_the_demo(ct_viewer, qtbot, tiny_checkpoin
     assert (tmp_path / "demo" / "results.json").is_file() and files
 
 
-def test_out_of_memory_and_2d_layer_are_reported(ct_viewer, qtbot, tiny_checkpoint):
+def test_out_of_memory_and_2d_layer_are_reported(ct_viewer, qtbot, tiny_checkpoint, make_detect_widget):
     viewer = ct_viewer
-    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(viewer, tiny_checkpoint)
 
     def hook(done, total, message):  # the allocation fails inside the engine's worker thread
         if message == "image features":
@@ -305,7 +297,8 @@ def test_out_of_memory_and_2d_layer_are_reported(ct_viewer, qtbot, tiny_checkpoi
 
 
 @pytest.mark.realdata
-def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, tiny_checkpoint, realdata):
+def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, tiny_checkpoint, realdata,
+                                                    make_detect_widget):
     from napari_ctvlp._layers import organ_labels_layer
     from napari_ctvlp.engine.segmentation import from_label_file
 
@@ -315,7 +308,7 @@ def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, t
     seg = from_label_file(realdata / "example_seg_fast_force_split.nii.gz", like=volume, kind="totalseg")
     data, kwargs, _ = organ_labels_layer(seg.labels, volume, name="reference organs")
     viewer.add_labels(data, **kwargs)
-    widget = _widget(viewer, qtbot, tiny_checkpoint)
+    widget = make_detect_widget(viewer, tiny_checkpoint)
     widget.image_combo.setCurrentText(ct.name)
     _detect(widget, qtbot)
     assert widget.task.outcome.ok, widget.task.outcome.error

@@ -6,20 +6,14 @@ from __future__ import annotations
 import pytest
 from qtpy.QtCore import Qt
 
-from napari_ctvlp.widgets.detect_widget import LABELS_LAYER_CHOICE, DetectWidget
 
 pytestmark = pytest.mark.gui
 WAIT_MS = 60_000
 
 
 @pytest.fixture()
-def panel(ct_viewer, qtbot, tiny_checkpoint):
-    widget = DetectWidget(ct_viewer)
-    qtbot.addWidget(widget)
-    widget.set_checkpoint(tiny_checkpoint)
-    widget.set_segmentation(LABELS_LAYER_CHOICE)
-    widget.labels_combo.setCurrentText("reference organs")
-    widget.device_combo.setCurrentText("cpu")
+def panel(ct_viewer, tiny_checkpoint, make_detect_widget):
+    widget = make_detect_widget(ct_viewer, tiny_checkpoint)
     assert widget.run_blocking(timeout=120) is not None
     widget.show()
     widget.tabs.setCurrentWidget(widget.prompt_panel)
