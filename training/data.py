@@ -183,8 +183,7 @@ class CachedCTDataset:
         """Shift image and masks together; random gain/offset of the intensities (see ``augment_image``)."""
         rng = np.random.default_rng([self.seed, self.epoch, int(index), 11])
         shift = [int(rng.integers(-m, m + 1)) for m in self.max_shift]
-        lo = float(self.preprocess.get("hu_window", (-1000.0, 1000.0))[0])
-        hi = float(self.preprocess.get("hu_window", (-1000.0, 1000.0))[1])
+        lo, hi = (float(v) for v in self.preprocess.get("hu_window", (-1000.0, 1000.0)))
         air = float(np.clip(2.0 * (float(self.preprocess.get("pad_hu", lo)) - lo) / (hi - lo) - 1.0, -1.0, 1.0))
         if any(shift):
             image = shift_volume(image, shift, fill=np.float32(air))

@@ -315,15 +315,20 @@ class TextEncoder(nn.Module):
         """Forget cached sentence features (call after changing the backbone's weights by hand)."""
         self._sentence_cache.clear()
 
+    def _pooled_texts(self, texts: list[str], *, chunk: int = 256) -> Tensor:
+        """Mean-pooled backbone features ``[T, width]`` of ``texts``, tokenized ``chunk`` at a time."""
+        device = self.projection.weight.device
+        out = []
+        for i in range(0, len(texts), chunk):
+            batch = self.tokenize(texts[i:i + chunk], device=device)
+            out.append(self._pooled(batch["input_ids"], batch["attention_mask"]))
+        return torch.cat(out)
+
     def _sentence_features(self, sentences: list[str]) -> Tensor:
         """Distinct ``sentences`` -> mean-pooled backbone features ``[S, width]`` (cached when frozen)."""
         device = self.projection.weight.device
         if not self.backbone_frozen():
-            out = []
-            for i in range(0, len(sentences), 256):
-                batch = self.tokenize(sentences[i:i + 256], device=device)
-                out.append(self._pooled(batch["input_ids"], batch["attention_mask"]))
-            return torch.cat(out)
+            return self._pooled_texts(sentences)
         cache = self._sentence_cache
         missing = [s for s in sentences if s not in cache]
         if missing:
@@ -333,11 +338,7 @@ class TextEncoder(nn.Module):
             self.backbone.eval()
             try:
                 with torch.no_grad():
-                    for i in range(0, len(missing), 256):
-                        chunk = missing[i:i + 256]
-                        batch = self.tokenize(chunk, device=device)
-                        feats = self._pooled(batch["input_ids"], batch["attention_mask"]).float().cpu()
-                        cache.update(zip(chunk, feats))
+                    cache.update(zip(missing, self._pooled_texts(missing).float().cpu()))
             finally:
                 self.backbone.train(was_training)
         return torch.stack([cache[s] for s in sentences]).to(device)
