@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def _load_split(cache: str, split: str, anatomies, patch_size, token_weighting: str = "any"):
+def _load_split(cache: str, split: str, anatomies, patch_size, token_weighting: str = "any", limit=None):
     """All volumes of one split as tensors: images, token masks, labels (``-1`` unknown)."""
     import torch
 
@@ -41,9 +41,9 @@ def _load_split(cache: str, split: str, anatomies, patch_size, token_weighting: 
 
     ds = CachedCTDataset(cache, split=split, augment_text=False, anatomies=anatomies, patch_size=patch_size,
                          token_weighting=token_weighting)
-    items = [ds[i] for i in range(len(ds))]
+    items = [ds[i] for i in range(min(len(ds), limit or len(ds)))]
     return (torch.stack([it["image"] for it in items]), torch.stack([it["token_masks"] for it in items]),
-            torch.stack([it["labels"] for it in items]).float())
+            torch.stack([it["labels"] for it in items]).float(), torch.stack([it["anatomy_masks"] for it in items]))
 
 
 def _aucs(labels: np.ndarray, scores: np.ndarray) -> list[float]:
@@ -64,13 +64,14 @@ def _print_table(aucs: list[float], title: str) -> None:
     print(f"| **mean** | | **{np.nanmean(aucs):.3f}** |")
 
 
-def _embed(model, images, token_masks, batch: int = 16) -> np.ndarray:
+def _embed(model, images, token_masks, masks, batch: int = 16) -> np.ndarray:
     import torch
 
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            pooled = model.pool_anatomies(model.encode_image(images[i:i + batch]), token_masks[i:i + batch])
+            pooled = model.embed_image(images[i:i + batch], masks[i:i + batch],
+                                       token_masks=token_masks[i:i + batch]).anatomies
             out.append(pooled.embeddings.flatten(1).float().numpy())
     return np.concatenate(out)
 
@@ -81,7 +82,7 @@ def linear_probe(model, train, valid) -> list[float]:
     from sklearn.preprocessing import StandardScaler
 
     model.eval()
-    xt, xv = _embed(model, train[0], train[1]), _embed(model, valid[0], valid[1])
+    xt, xv = _embed(model, train[0], train[1], train[3]), _embed(model, valid[0], valid[1], valid[3])
     scaler = StandardScaler().fit(xt)
     xt, xv = scaler.transform(xt), scaler.transform(xv)
     yt, yv = train[2].numpy(), valid[2].numpy()
@@ -97,7 +98,7 @@ def linear_probe(model, train, valid) -> list[float]:
 
 
 def finetune_probe(model, train, valid, *, steps: int, lr: float, batch_size: int, eval_every: int,
-                   seed: int) -> list[float]:
+                   seed: int, head_lr_factor: float = 30.0) -> list[float]:
     """Train ViT (+ dense fusion) + anatomy pooling + a linear head with BCE on the labels; AUC every ``eval_every``."""
     import torch
     from torch import nn
@@ -105,9 +106,13 @@ def finetune_probe(model, train, valid, *, steps: int, lr: float, batch_size: in
     torch.manual_seed(seed)
     cfg = model.config
     head = nn.Linear(len(cfg.anatomies) * cfg.embed_dim, train[2].shape[1])
-    dense = model.dense.parameters() if model.dense is not None else ()
-    params = [*model.vit.parameters(), *dense, *model.anatomy_pooling.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    extra = [*(model.dense.parameters() if model.dense is not None else ()),
+             *(model.statistics.parameters() if model.statistics is not None else ())]
+    params = [*model.vit.parameters(), *extra, *model.anatomy_pooling.parameters()]
+    # the head reads unit-norm anatomy embeddings: at the encoder's rate its weights grow too slowly to
+    # give confident logits within a probe's budget (pretraining has a learned logit scale instead)
+    opt = torch.optim.AdamW([{"params": params}, {"params": head.parameters(), "lr": lr * head_lr_factor}],
+                            lr=lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(seed)
     aucs: list[float] = []
     t0 = time.perf_counter()
@@ -115,7 +120,7 @@ def finetune_probe(model, train, valid, *, steps: int, lr: float, batch_size: in
         model.train()
         idx = torch.randint(0, len(train[0]), (batch_size,), generator=gen)
         y = train[2][idx]
-        pooled = model.pool_anatomies(model.encode_image(train[0][idx]), train[1][idx])
+        pooled = model.embed_image(train[0][idx], train[3][idx], token_masks=train[1][idx]).anatomies
         logits = head(pooled.embeddings.flatten(1))
         known = (y >= 0).float()
         loss = (nn.functional.binary_cross_entropy_with_logits(logits, y.clamp_min(0), reduction="none")
@@ -126,7 +131,7 @@ def finetune_probe(model, train, valid, *, steps: int, lr: float, batch_size: in
         if step % eval_every == 0 or step == steps:
             model.eval()
             with torch.no_grad():
-                xv = torch.from_numpy(_embed(model, valid[0], valid[1]))
+                xv = torch.from_numpy(_embed(model, valid[0], valid[1], valid[3]))
                 scores = head(xv).numpy()
             aucs = _aucs(valid[2].numpy(), scores)
             print(f"step {step}/{steps}  {time.perf_counter() - t0:.0f} s  loss {float(loss.detach()):.3f}  "
@@ -149,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training volumes")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field of the fresh model (JSON value), e.g. statistics_edges=[]")
     args = p.parse_args(argv)
 
     import torch
@@ -164,10 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         source = f"checkpoint {args.checkpoint}"
     else:
         torch.manual_seed(args.seed)
-        model = CTVLP(getattr(CTVLPConfig, args.preset)())
+        import json
+
+        overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        model = CTVLP(getattr(CTVLPConfig, args.preset)(**overrides))
         source = f"fresh CTVLPConfig.{args.preset}() (random init)"
     cfg = model.config
-    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.feature_patch, cfg.token_weighting)
+    train = _load_split(args.cache, args.train_split, cfg.anatomies, cfg.feature_patch, cfg.token_weighting, args.limit)
     valid = _load_split(args.cache, args.valid_split, cfg.anatomies, cfg.feature_patch, cfg.token_weighting)
     print(f"{mode} probe of {source}; {len(train[0])} train / {len(valid[0])} valid volumes "
           f"of {args.cache}; torch threads {torch.get_num_threads()}")

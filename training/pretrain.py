@@ -68,9 +68,8 @@ class TrainStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = self.model
-        tokens = m.encode_image(batch["image"])
-        token_masks = batch["token_masks"] if "token_masks" in batch else m.masks_to_tokens(batch["anatomy_masks"])
-        pooled = m.pool_anatomies(tokens, token_masks)
+        image = m.embed_image(batch["image"], batch["anatomy_masks"], token_masks=batch.get("token_masks"))
+        tokens, pooled = image.tokens, image.anatomies
         present = batch["present"] & pooled.present
         b, a, e = pooled.embeddings.shape
         sentences = m.config.text_pooling == "sentences"

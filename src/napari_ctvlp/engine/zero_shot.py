@@ -212,13 +212,14 @@ def encode_volume(
         t1 = time.perf_counter()
         report(progress, 1, 3, "image encoder")
         image = torch.from_numpy(np.ascontiguousarray(prepared.image))[None, None].to(dev)
-        tokens = model.encode_image(image)
+        voxel_masks = torch.from_numpy(masks)[None].to(dev)
+        token_masks = model.masks_to_tokens(voxel_masks)
+        embedded = model.embed_image(image, voxel_masks, token_masks=token_masks, return_attention=True)
+        tokens, pooled = embedded.tokens, embedded.anatomies
         timings["image_encoder"] = time.perf_counter() - t1
         t2 = time.perf_counter()
-        report(progress, 2, 3, "anatomy pooling and tags")
-        token_masks = model.masks_to_tokens(torch.from_numpy(masks)[None].to(dev))
-        pooled = model.pool_anatomies(tokens, token_masks, return_attention=True)
-        tok_emb = model.token_embeddings(tokens)[0].float()
+        report(progress, 2, 3, "token embeddings and tags")
+        tok_emb = model.token_embeddings(tokens, cells=embedded.cells)[0].float()
         tags = model.decode_tags(tokens)
         scale = float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
         timings["pooling_tags"] = time.perf_counter() - t2

@@ -92,10 +92,16 @@ class AnatomyPooling(nn.Module):
         """Attention output ``[..., C]`` (before ``out_proj``) -> normalised joint embedding."""
         return F.normalize(self.image_proj(self.norm_out(self.out_proj(pooled))), dim=-1)
 
-    def forward(self, tokens: Tensor, token_masks: Tensor, *, return_attention: bool = False) -> AnatomyEmbeddings:
+    def forward(self, tokens: Tensor, token_masks: Tensor, *, statistics: Tensor | None = None,
+                direct: Tensor | None = None, return_attention: bool = False) -> AnatomyEmbeddings:
         """Pool ``tokens`` ``[B, N, C]`` per anatomy given ``token_masks`` ``[B, A, N]`` (bool, or
-        fractions in ``[0, 1]`` that weigh each token by the share of it inside the anatomy)."""
+        fractions in ``[0, 1]`` that weigh each token by the share of it inside the anatomy).
+        ``statistics`` ``[B, A, C]`` (voxel statistics of each anatomy) are added to the attention
+        output before its projection; ``direct`` ``[B, A, E]`` is added to the joint-space embedding
+        before its normalisation."""
         self._check(tokens, token_masks)
+        if statistics is not None and tuple(statistics.shape) != (tokens.shape[0], self.num_anatomies, self.hidden_size):
+            raise ValueError(f"statistics must be [B, A, C], got {tuple(statistics.shape)}")
         b, n, c = tokens.shape
         a = self.num_anatomies
         if token_masks.dtype == torch.bool:
@@ -113,7 +119,13 @@ class AnatomyPooling(nn.Module):
         v = self._heads(self.v(kv))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.unsqueeze(1))  # [B, h, A, d]
         out = out.transpose(1, 2).reshape(b, a, c)
-        emb = self._finish(out) * present.unsqueeze(-1).to(tokens.dtype)
+        if statistics is not None:
+            out = out + statistics.to(out.dtype)
+        if direct is None:
+            emb = self._finish(out)
+        else:
+            emb = F.normalize(self.image_proj(self.norm_out(self.out_proj(out))) + direct.to(out.dtype), dim=-1)
+        emb = emb * present.unsqueeze(-1).to(tokens.dtype)
         attention = None
         if return_attention:
             scores = (q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5  # [B, h, A, N]
@@ -124,8 +136,16 @@ class AnatomyPooling(nn.Module):
             attention = scores.softmax(-1).mean(1) * present.unsqueeze(-1).to(scores.dtype)
         return AnatomyEmbeddings(embeddings=emb, present=present, attention=attention)
 
-    def project_tokens(self, tokens: Tensor) -> Tensor:
-        """Per-token embeddings ``[B, N, E]`` (L2-normalised) through the pooling value path."""
+    def project_tokens(self, tokens: Tensor, *, statistics: Tensor | None = None,
+                       direct: Tensor | None = None) -> Tensor:
+        """Per-token embeddings ``[B, N, E]`` (L2-normalised) through the pooling value path, with
+        optional per-token ``statistics`` ``[B, N, C]`` and ``direct`` ``[B, N, E]`` terms added as
+        :meth:`forward` adds an anatomy's (a token is then embedded as a one-token anatomy)."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.hidden_size:
             raise ValueError(f"tokens must be [B, N, {self.hidden_size}], got {tuple(tokens.shape)}")
-        return self._finish(self.v(self.norm_kv(tokens)))
+        values = self.v(self.norm_kv(tokens))
+        if statistics is not None:
+            values = values + statistics.to(values.dtype)
+        if direct is None:
+            return self._finish(values)
+        return F.normalize(self.image_proj(self.norm_out(self.out_proj(values))) + direct.to(values.dtype), dim=-1)

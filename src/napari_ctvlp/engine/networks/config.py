@@ -31,10 +31,17 @@ _TUPLE3_FIELDS = ("image_size", "patch_size")
 #: reads a chest CT in such windows; a network from random weights needs many steps to learn a
 #: 100-HU contrast (emphysema vs lung) that spans 5% of its input range.
 PHANTOM_STEM_WINDOWS: tuple[tuple[float, float], ...] = ((-1.0, -0.7), (-1.0, -0.3), (-0.16, 0.24), (0.15, 1.0))
+#: Inner edges of the voxel-statistics HU histogram (``phantom_cpu``), in model input units
+#: (``HU / 1000`` for the default window): -950 (the LAA-950 emphysema threshold), normal lung
+#: (-900..-800), ground glass (-700..-500), fat (-100..-30), fluid (-30..30), soft tissue and
+#: nodules (30..100), contrast-enhanced blood (100..400), calcium (400..700) and metal (>= 700).
+HISTOGRAM_EDGES: tuple[float, ...] = tuple(
+    hu / 1000.0 for hu in (-950, -900, -850, -800, -700, -600, -500, -300, -100, -30, 30, 100, 200, 400, 700)
+)
 #: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
 _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any", "stem": "patch",
                                     "feature_stride": 0, "stem_windows": (),
-                                    "text_pooling": "text"}
+                                    "text_pooling": "text", "statistics_edges": ()}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -96,6 +103,10 @@ class CTVLPConfig:
             tokens; ``4`` or ``8`` (``stem="conv"`` only): on dense features at that stride,
             the upsampled tokens fused with the stem stage of that stride
             (:class:`~napari_ctvlp.engine.networks.conv_stem.DenseFusion`).
+        statistics_edges: inner edges (model input units, increasing, inside (-1, 1)) of the HU
+            histogram of voxel-exact intensity statistics that the anatomy pooling and the dense
+            features also get (``stem="conv"`` only;
+            :class:`~napari_ctvlp.engine.networks.voxel_statistics.VoxelStatistics`). Empty: off.
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -123,6 +134,7 @@ class CTVLPConfig:
     stem: str = "patch"
     feature_stride: int = 0
     stem_windows: tuple[tuple[float, float], ...] = ()
+    statistics_edges: tuple[float, ...] = ()
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -167,6 +179,15 @@ class CTVLPConfig:
         set_(self, "stem_windows", windows)
         if self.feature_stride not in (0, 4, 8) or isinstance(self.feature_stride, bool):
             raise ValueError(f"CTVLPConfig.feature_stride must be 0, 4 or 8, got {self.feature_stride!r}")
+        try:
+            edges = tuple(float(e) for e in self.statistics_edges)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"CTVLPConfig.statistics_edges must be numbers, got {self.statistics_edges!r}") from exc
+        if edges and (any(not -1.0 < e < 1.0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:]))):
+            raise ValueError(f"CTVLPConfig.statistics_edges must increase strictly inside (-1, 1), got {edges}")
+        if edges and self.stem != "conv":
+            raise ValueError("CTVLPConfig.statistics_edges needs stem='conv' (the statistics read the stem's stride-4 stage)")
+        set_(self, "statistics_edges", edges)
         if self.feature_stride and self.stem != "conv":
             raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
@@ -285,6 +306,7 @@ class CTVLPConfig:
             image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
             mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=0, text_pooling="sentences",
             stem="conv", feature_stride=8, stem_windows=PHANTOM_STEM_WINDOWS,
+            statistics_edges=HISTOGRAM_EDGES,
         )
         return cls(**{**base, **overrides})
 

@@ -120,10 +120,13 @@ class DenseFusion(nn.Module):
         self.skip = nn.Conv3d(skip_channels, hidden_size, kernel_size=1)
         self.norm = nn.LayerNorm(hidden_size)
 
-    def forward(self, tokens: Tensor, skip: Tensor) -> Tensor:
-        """``tokens`` ``[B, N, C]`` on the token grid + ``skip`` ``[B, S, *dense_grid]`` -> ``[B, M, C]``."""
+    def forward(self, tokens: Tensor, skip: Tensor, *, extra: Tensor | None = None) -> Tensor:
+        """``tokens`` ``[B, N, C]`` on the token grid + ``skip`` ``[B, S, *dense_grid]`` (+ ``extra``
+        ``[B, M, C]`` already on the dense grid, e.g. voxel statistics per cell) -> ``[B, M, C]``."""
         b, n, c = tokens.shape
         grid = tokens.transpose(1, 2).reshape(b, c, *self.token_grid)
         up = F.interpolate(grid, size=self.dense_grid, mode="trilinear", align_corners=False)
-        dense = up + self.skip(skip)
-        return self.norm(dense.flatten(2).transpose(1, 2))
+        dense = (up + self.skip(skip)).flatten(2).transpose(1, 2)
+        if extra is not None:
+            dense = dense + extra
+        return self.norm(dense)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +27,30 @@ from napari_ctvlp.engine.networks.conv_stem import DenseFusion
 from napari_ctvlp.engine.networks.tag_decoder import TagDecoder, TagOutput
 from napari_ctvlp.engine.networks.text_encoder import TextEncoder
 from napari_ctvlp.engine.networks.vit3d import ViT3D
+from napari_ctvlp.engine.networks.voxel_statistics import VoxelStatistics
 
-__all__ = ["CTVLP", "AnatomyEmbeddings", "TagOutput", "MAX_LOGIT_SCALE"]
+__all__ = ["CTVLP", "AnatomyEmbeddings", "ImageEmbedding", "TagOutput", "MAX_LOGIT_SCALE"]
 
 logger = logging.getLogger(__name__)
 
 #: ``logit_scale.exp()`` is clamped at this value (CLIP), i.e. temperature >= 0.01.
 MAX_LOGIT_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """Output of :meth:`CTVLP.embed_image`.
+
+    Attributes:
+        tokens: ``[B, N, C]`` spatial features on ``config.token_grid``.
+        anatomies: the per-anatomy embeddings.
+        cells: ``[B, N, F]`` raw voxel statistics of every feature cell, or None for models without
+            ``config.statistics_edges`` (pass to :meth:`CTVLP.token_embeddings`).
+    """
+
+    tokens: Tensor
+    anatomies: AnatomyEmbeddings
+    cells: Tensor | None = None
 
 
 class CTVLP(nn.Module):
@@ -70,6 +88,14 @@ class CTVLP(nn.Module):
             self._dense_stage = stage
         else:
             self.dense = None
+        if config.statistics_edges:
+            self.statistics: VoxelStatistics | None = VoxelStatistics(
+                edges=config.statistics_edges, feature_channels=self.vit.patch_embed.widths[1],
+                hidden_size=config.hidden_size, embed_dim=config.embed_dim, image_size=config.image_size,
+                cell=config.feature_patch,
+            )
+        else:
+            self.statistics = None
         self.text = TextEncoder(
             config.text_encoder, embed_dim=config.embed_dim, random_init=config.text_random_init,
             trainable_layers=config.text_trainable_layers, max_length=config.text_max_length,
@@ -112,14 +138,57 @@ class CTVLP(nn.Module):
         return [f"text.{k}" for k in self.text.frozen_backbone_names()]
 
     # ------------------------------------------------------------------ image side
+    def _image_side(self, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """ViT (+ dense fusion, + per-cell statistics) -> ``(spatial features, stride-4 stem stage,
+        raw cell statistics)`` (the last two None without ``config.statistics_edges``)."""
+        tokens, stages = self.vit.forward_features(image)
+        stage4 = cells = extra = None
+        if self.statistics is not None:
+            stage4 = stages[1]
+            cells = self.statistics.cell_inputs(image, stage4)
+            extra = self.statistics.cell_proj(cells)
+        if self.dense is None:
+            return (tokens if extra is None else tokens + extra), stage4, cells
+        return self.dense(tokens, stages[self._dense_stage], extra=extra), stage4, cells
+
     def encode_image(self, image: Tensor) -> Tensor:
         """Image ``[B, 1, D, H, W]`` (model grid, values in [-1, 1]) -> spatial features ``[B, N, C]``
         on ``config.token_grid``: the ViT tokens, or the dense fused features when
-        ``config.feature_stride`` is set."""
-        tokens, stages = self.vit.forward_features(image)
-        if self.dense is None:
-            return tokens
-        return self.dense(tokens, stages[self._dense_stage])
+        ``config.feature_stride`` is set (with per-cell intensity statistics when
+        ``config.statistics_edges`` is set)."""
+        return self._image_side(image)[0]
+
+    def embed_image(
+        self, image: Tensor, anatomy_masks: Tensor, *, token_masks: Tensor | None = None,
+        return_attention: bool = False,
+    ) -> ImageEmbedding:
+        """The whole image side in one pass: spatial features, anatomy embeddings, cell statistics.
+
+        Args:
+            image: ``[B, 1, D, H, W]`` on the model grid.
+            anatomy_masks: ``[B, A, D, H, W]`` bool on the model grid.
+            token_masks: precomputed :meth:`masks_to_tokens` of ``anatomy_masks`` (e.g. by the data
+                loader); computed here when None.
+            return_attention: also return the pooling attention.
+        """
+        tokens, stage4, cells = self._image_side(image)
+        if token_masks is None:
+            token_masks = self.masks_to_tokens(anatomy_masks)
+        stats = direct = None
+        if self.statistics is not None:
+            self._check_masks(anatomy_masks)
+            stats, direct = self.statistics.anatomy_features(image, stage4, anatomy_masks)
+        pooled = self.anatomy_pooling(tokens, token_masks, statistics=stats, direct=direct,
+                                      return_attention=return_attention)
+        return ImageEmbedding(tokens=tokens, anatomies=pooled, cells=cells)
+
+    def _check_masks(self, masks: Tensor) -> None:
+        a = len(self.config.anatomies)
+        expected = (a, *self.config.image_size)
+        if masks.ndim != 5 or tuple(masks.shape[1:]) != expected:
+            raise ValueError(
+                f"anatomy masks have shape {tuple(masks.shape)}, expected [B, {', '.join(map(str, expected))}]"
+            )
 
     def masks_to_tokens(self, masks: Tensor) -> Tensor:
         """Anatomy masks ``[B, A, D, H, W]`` (bool) -> token masks ``[B, A, N]``.
@@ -127,12 +196,8 @@ class CTVLP(nn.Module):
         ``config.token_weighting == "fraction"``: float32, the share of each patch inside the
         anatomy (average pooling); ``"any"``: bool, any voxel of the patch inside (max pooling).
         """
+        self._check_masks(masks)
         a = len(self.config.anatomies)
-        expected = (a, *self.config.image_size)
-        if masks.ndim != 5 or tuple(masks.shape[1:]) != expected:
-            raise ValueError(
-                f"anatomy masks have shape {tuple(masks.shape)}, expected [B, {', '.join(map(str, expected))}]"
-            )
         b = masks.shape[0]
         (gd, gh, gw), (pd, ph, pw) = self.config.token_grid, self.config.feature_patch
         blocks = (masks != 0).reshape(b, a, gd, pd, gh, ph, gw, pw)
@@ -143,17 +208,28 @@ class CTVLP(nn.Module):
     def pool_anatomies(
         self, tokens: Tensor, token_masks: Tensor, *, return_attention: bool = False
     ) -> AnatomyEmbeddings:
-        """Per-anatomy embeddings ``[B, A, E]`` from tokens and token masks (see :class:`AnatomyPooling`)."""
+        """Per-anatomy embeddings ``[B, A, E]`` from tokens and token masks (see :class:`AnatomyPooling`).
+
+        Models with ``config.statistics_edges`` also need the image and voxel masks: use :meth:`embed_image`."""
+        if self.statistics is not None:
+            raise ValueError("this model pools voxel statistics with the tokens: call embed_image(image, anatomy_masks)")
         return self.anatomy_pooling(tokens, token_masks, return_attention=return_attention)
 
-    def token_embeddings(self, tokens: Tensor) -> Tensor:
-        """Per-token joint-space embeddings ``[B, N, E]`` (L2-normalised) for prompt heatmaps."""
-        return self.anatomy_pooling.project_tokens(tokens)
+    def token_embeddings(self, tokens: Tensor, *, cells: Tensor | None = None) -> Tensor:
+        """Per-token joint-space embeddings ``[B, N, E]`` (L2-normalised) for prompt heatmaps.
+
+        With ``cells`` (:attr:`ImageEmbedding.cells` of a model with voxel statistics) each token
+        is embedded as a one-cell anatomy, its statistics read by the anatomies' heads; without,
+        through the pooling value path only (what the MOSMOS image-report term averages in training).
+        """
+        if cells is None or self.statistics is None:
+            return self.anatomy_pooling.project_tokens(tokens)
+        hidden, direct = self.statistics.cell_anatomy_features(cells)
+        return self.anatomy_pooling.project_tokens(tokens, statistics=hidden, direct=direct)
 
     def forward(self, image: Tensor, anatomy_masks: Tensor, *, return_attention: bool = False) -> AnatomyEmbeddings:
         """Image ``[B, 1, D, H, W]`` + anatomy masks ``[B, A, D, H, W]`` -> :class:`AnatomyEmbeddings`."""
-        tokens = self.encode_image(image)
-        return self.pool_anatomies(tokens, self.masks_to_tokens(anatomy_masks), return_attention=return_attention)
+        return self.embed_image(image, anatomy_masks, return_attention=return_attention).anatomies
 
     # ------------------------------------------------------------------ text side
     def encode_text(self, texts: Sequence[str]) -> Tensor:
