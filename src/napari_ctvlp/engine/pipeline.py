@@ -365,7 +365,9 @@ def detect(
     timings["segmentation"] = time.perf_counter() - t
 
     t = stage(3, "preprocess")
-    prepared = preprocess(volume, config=preprocess_config_for(loaded), organs=seg.labels)
+    # preprocessing reports its steps (antialias, resample, organ labels): a cancel stops between them
+    prepared = preprocess(volume, config=preprocess_config_for(loaded), organs=seg.labels,
+                          progress=lambda done, n, message: _check_cancel(cancel, message))
     timings["preprocess"] = time.perf_counter() - t
 
     t = stage(4, "image features")

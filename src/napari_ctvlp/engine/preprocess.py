@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_ctvlp.engine.volume import CTVolume
+from napari_ctvlp.engine.volume import CTVolume, ProgressCallback, report
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ def preprocess(
     *,
     config: PreprocessConfig,
     organs: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
 ) -> PreparedVolume:
     """Resample a CT (and optionally its organ labels) onto the model grid.
 
@@ -204,6 +205,8 @@ def preprocess(
         volume: the input CT in HU.
         config: the model grid and HU window.
         organs: organ label map on the input grid (``volume.shape``), resampled nearest.
+        progress: ``progress(done, 3, message)`` before each step ("antialias", "resample",
+            "organ labels"); a callback that raises stops the work there (the pipeline's cancel).
 
     Returns:
         :class:`PreparedVolume` with the image in ``[-1, 1]`` and the geometry to invert.
@@ -215,6 +218,7 @@ def preprocess(
         raise ValueError(f"organs: label map shape {organs.shape} does not match the CT shape {volume.shape}")
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    report(progress, 0, 3, "antialias")
     center = _body_center(volume, config)
     model_aff = model_grid_affine(config, center)
     source_aff = volume.display_affine
@@ -230,6 +234,7 @@ def preprocess(
         src_aff = source_aff @ block
     timings["antialias"] = time.perf_counter() - t0
 
+    report(progress, 1, 3, "resample")
     t1 = time.perf_counter()
     m = np.linalg.inv(src_aff) @ model_aff  # model index -> (downsampled) source index
     image = ndimage.affine_transform(
@@ -245,6 +250,7 @@ def preprocess(
 
     organs_model = None
     if organs is not None:
+        report(progress, 2, 3, "organ labels")
         t2 = time.perf_counter()
         mo = np.linalg.inv(source_aff) @ model_aff
         organs_model = ndimage.affine_transform(
