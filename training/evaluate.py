@@ -315,9 +315,10 @@ def markdown_report(metrics: dict[str, Any]) -> str:
         lines += ["", f"## Localisation ({loc['n_pairs']} lesion/finding pairs in {loc['n_scans']} phantoms)", "",
                   "| map | pointing (<= %g mm) | voxel AUROC | cross-finding correlation |" % loc["tolerance_mm"],
                   "|---|---|---|---|"]
-        for kind in ("prompt", "tags"):
+        for kind in loc["pointing"]:
+            cross = loc["cross_finding_correlation"].get(kind)
             lines.append(f"| {kind} | {_fmt(loc['pointing'][kind])} | {_fmt(loc['voxel_auroc'][kind])} | "
-                         f"{_fmt(loc['cross_finding_correlation'][kind])} |")
+                         f"{_fmt(cross) if cross is not None else '-'} |")
     geo = metrics["geometry"]
     lines += ["", "## Embedding geometry", "",
               f"Mean cosine similarity between text embeddings of different anatomies: "
@@ -500,8 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     loc = result.metrics.get("localisation")
     if loc:
         print("localisation: " + "; ".join(
-            f"{k} pointing {loc['pointing'][k]:.3f} voxel AUROC {loc['voxel_auroc'][k]:.3f} "
-            f"cross-finding r {loc['cross_finding_correlation'][k]:.3f}" for k in ("prompt", "tags"))
+            f"{k} pointing {loc['pointing'][k]:.3f} voxel AUROC {loc['voxel_auroc'][k]:.3f}"
+            + (f" cross-finding r {loc['cross_finding_correlation'][k]:.3f}" if k in loc["cross_finding_correlation"] else "")
+            for k in loc["pointing"])
             + f" ({loc['n_pairs']} pairs)")
     sup = result.metrics["supervision"]
     print(f"labels seen in training: label file {sup.get('label_file_used')}; tag targets {sup.get('tag_targets')}; "

@@ -8,7 +8,11 @@ are scored on the input grid:
 
 * ``prompt``: the prompt heatmap of the finding term (cosine of the prompt embedding with every
   token embedding), as ``napari-ctvlp detect --prompt "<finding>"`` writes it;
-* ``tags``: the MOSMOS pixel-tag map of the finding (the tag decoder's cross-attention).
+* ``tags``: the MOSMOS pixel-tag map of the finding (the tag decoder's cross-attention);
+* ``prompt_in_anatomy`` / ``tags_in_anatomy``: the same maps normalised over the finding's anatomy
+  (the lungs for a nodule), zero elsewhere, as a reader looking at one row of the results table
+  would want them. Pointing and AUROC are over the body for every kind, so a scoped map gets no
+  credit inside its anatomy that a whole-body map would not also have to earn there.
 
 Metrics per map kind, over (scan, finding) pairs:
 
@@ -37,6 +41,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["LocalisationResult", "cross_map_correlation", "evaluate_localisation", "pointing_hit", "voxel_auroc"]
 
 KINDS = ("prompt", "tags")
+#: maps normalised over the finding's anatomy (pointing and AUROC only: their cross-finding
+#: correlation would mostly measure that different anatomies do not overlap)
+SCOPED_KINDS = ("prompt_in_anatomy", "tags_in_anatomy")
 
 
 def pointing_hit(heat: np.ndarray, lesion: np.ndarray, *, spacing: Sequence[float], tolerance_mm: float = 5.0,
@@ -105,11 +112,12 @@ class LocalisationResult:
 
 
 def _heatmap(session: Any, kind: str, k: int, *, grid: str) -> np.ndarray:
-    """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map)
-    of abnormality number ``k`` on ``grid``."""
-    if kind == "prompt":
-        return session.prompt_heatmap(ABNORMALITIES[k].term, grid=grid)
-    return session.abnormality_heatmap(ABNORMALITY_NAMES[k], grid=grid)
+    """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map;
+    ``*_in_anatomy``: normalised over the finding's anatomy) of abnormality number ``k`` on ``grid``."""
+    anatomy = ABNORMALITIES[k].anatomy if kind.endswith("_in_anatomy") else None
+    if kind.startswith("prompt"):
+        return session.prompt_heatmap(ABNORMALITIES[k].term, grid=grid, anatomy=anatomy)
+    return session.abnormality_heatmap(ABNORMALITY_NAMES[k], grid=grid, anatomy=anatomy)
 
 
 def _cases(root: Path, split: str) -> list[tuple[str, Path, Path, Path]]:
@@ -158,9 +166,10 @@ def evaluate_localisation(
 
     cases = _cases(Path(data), split)[: limit or None]
     load_model(checkpoint, device=device)  # fail early on a bad checkpoint (cached for detect)
-    hits: dict[str, list[bool]] = {k: [] for k in KINDS}
-    aucs: dict[str, list[float]] = {k: [] for k in KINDS}
-    per_finding: dict[str, dict[str, list[float]]] = {k: {n: [] for n in ABNORMALITY_NAMES} for k in KINDS}
+    scored = KINDS + SCOPED_KINDS
+    hits: dict[str, list[bool]] = {k: [] for k in scored}
+    aucs: dict[str, list[float]] = {k: [] for k in scored}
+    per_finding: dict[str, dict[str, list[float]]] = {k: {n: [] for n in ABNORMALITY_NAMES} for k in scored}
     corr: dict[str, list[float]] = {k: [] for k in KINDS}
     for i, (name, ct, masks, lesions) in enumerate(cases):
         volume = read_ct(ct)
@@ -177,7 +186,12 @@ def evaluate_localisation(
             lesion = lesion_map == k + 1
             if not lesion.any():
                 continue
-            for kind in KINDS:
+            for kind in scored:
+                if kind in SCOPED_KINDS and not session.features.present[
+                        session.features.anatomies.index(ABNORMALITIES[k].anatomy)]:
+                    hits[kind].append(False)  # its anatomy is not in the mask: nothing to point with
+                    aucs[kind].append(float("nan"))
+                    continue
                 heat = _heatmap(session, kind, k, grid="source")
                 hit = pointing_hit(heat, lesion, spacing=volume.spacing, tolerance_mm=tolerance_mm, within=body)
                 auc = voxel_auroc(heat, lesion, within=body)
@@ -190,14 +204,14 @@ def evaluate_localisation(
         v = [x for x in v if np.isfinite(x)]
         return float(np.mean(v)) if v else float("nan")
 
-    pointing = {k: mean([float(h) for h in hits[k]]) for k in KINDS}
-    auroc = {k: mean(aucs[k]) for k in KINDS}
+    pointing = {k: mean([float(h) for h in hits[k]]) for k in scored}
+    auroc = {k: mean(aucs[k]) for k in scored}
     cross = {k: mean(corr[k]) for k in KINDS}
     metrics = {
         "checkpoint": str(checkpoint), "data": str(data), "split": split, "n_scans": len(cases),
         "n_pairs": len(hits["prompt"]), "tolerance_mm": tolerance_mm,
         "pointing": pointing, "voxel_auroc": auroc, "cross_finding_correlation": cross,
-        "pointing_per_finding": {k: {n: (mean(v) if v else None) for n, v in per_finding[k].items()} for k in KINDS},
+        "pointing_per_finding": {k: {n: (mean(v) if v else None) for n, v in per_finding[k].items()} for k in scored},
         "pairs_per_finding": {n: len(v) for n, v in per_finding["prompt"].items()},
     }
     return LocalisationResult(pointing, auroc, cross, len(hits["prompt"]), len(cases), metrics)

@@ -211,6 +211,20 @@ def test_heatmaps_on_the_input_grid(model, features) -> None:
     assert multi.shape == (2, *vol.shape)
 
 
+def test_heatmaps_scoped_to_an_anatomy(model, features) -> None:
+    grid = features.token_grid
+    h = features.anatomies.index("heart")
+    touching = (features.token_masks[h].numpy() > 0).reshape(grid)
+    for heat in (prompt_heatmap(model, features, "enlarged heart", grid="tokens", anatomy="heart"),
+                 abnormality_heatmap(model, features, "Cardiomegaly", grid="tokens", anatomy="heart")):
+        assert np.all(heat[~touching] == 0.0)  # nothing outside the heart's tokens
+        assert heat[touching].max() == pytest.approx(1.0) and heat[touching].min() == pytest.approx(0.0)
+    whole = prompt_heatmap(model, features, "enlarged heart", grid="tokens")
+    assert np.any(whole[~touching] > 0)  # the unscoped map covers the body
+    with pytest.raises(ValueError, match="not pooled"):
+        prompt_heatmap(model, features, "enlarged heart", anatomy="liver")
+
+
 def test_interp_matrix_matches_torch() -> None:
     x = torch.rand(1, 1, 3, 5, 4)
     up = torch.nn.functional.interpolate(x, size=(7, 12, 9), mode="trilinear", align_corners=False)[0, 0].numpy()

@@ -48,6 +48,8 @@ def test_evaluate_localisation_on_tiny_phantoms(tmp_path: Path, tiny_checkpoint_
         assert 0.0 <= res.pointing[kind] <= 1.0
         assert 0.0 <= res.voxel_auroc[kind] <= 1.0
         assert -1.0 <= res.cross_correlation[kind] <= 1.0
+    for kind in ("prompt_in_anatomy", "tags_in_anatomy"):
+        assert 0.0 <= res.pointing[kind] <= 1.0 and kind not in res.cross_correlation
     assert sum(res.metrics["pairs_per_finding"].values()) == res.n_pairs
     with pytest.raises(ValueError, match="train_predicted_labels"):
         evaluate_localisation(tiny_checkpoint_dir, tmp_path / "ph", split="train")

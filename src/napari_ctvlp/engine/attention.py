@@ -100,6 +100,19 @@ def _body_tokens(features: ImageFeatures) -> np.ndarray | None:
     return None
 
 
+def _scope(features: ImageFeatures, anatomy: str | None) -> np.ndarray | None:
+    """Tokens a map is normalised over: the body's, or (``anatomy`` given) the tokens touching that
+    anatomy's mask (``ValueError`` for an anatomy the model does not pool or the scan lacks)."""
+    if anatomy is None:
+        return _body_tokens(features)
+    if anatomy not in features.anatomies:
+        raise ValueError(f"anatomy {anatomy!r} is not pooled by this model ({', '.join(features.anatomies)})")
+    j = features.anatomies.index(anatomy)
+    if not features.present[j]:
+        raise ValueError(f"the {anatomy} is not in this scan's organ mask")
+    return (features.token_masks[j] > 0).cpu().numpy()
+
+
 def normalize_map(values: np.ndarray, *, within: np.ndarray | None = None) -> np.ndarray:
     """Min-max normalise token values to ``[0, 1]`` over ``within`` (bool ``[N]``); 0 outside."""
     v = np.asarray(values, dtype=np.float32).copy()
@@ -163,15 +176,17 @@ def anatomy_heatmaps(
     return out
 
 
-def abnormality_heatmap(model: CTVLP, features: ImageFeatures, abnormality: str, *, grid: Grid = "source") -> np.ndarray:
-    """Pixel-tag map of an abnormality's tag (its term, e.g. "pleural effusion"), in ``[0, 1]``."""
+def abnormality_heatmap(model: CTVLP, features: ImageFeatures, abnormality: str, *, grid: Grid = "source",
+                        anatomy: str | None = None) -> np.ndarray:
+    """Pixel-tag map of an abnormality's tag (its term, e.g. "pleural effusion"), in ``[0, 1]``
+    over the body, or over ``anatomy``'s tokens (0 elsewhere) when given."""
     if abnormality in ABNORMALITY_BY_NAME:
         text = ABNORMALITY_BY_NAME[abnormality].term
     elif str(abnormality).strip():
         text = str(abnormality).strip()
     else:
         raise ValueError("abnormality must not be empty")
-    return _finish(normalize_map(_tag_map(model, features, text), within=_body_tokens(features)), features, grid)
+    return _finish(normalize_map(_tag_map(model, features, text), within=_scope(features, anatomy)), features, grid)
 
 
 def prompt_heatmap(
@@ -181,6 +196,7 @@ def prompt_heatmap(
     *,
     normalize: Literal["minmax", "softmax"] = "minmax",
     grid: Grid = "source",
+    anatomy: str | None = None,
 ) -> np.ndarray:
     """Where a sentence matches: cosine of its embedding with every token embedding.
 
@@ -189,6 +205,8 @@ def prompt_heatmap(
         normalize: ``"minmax"`` over the body tokens, or ``"softmax"`` over the tokens (at the
             model's temperature) divided by its maximum.
         grid: ``"source"`` (input CT grid), ``"model"`` or ``"tokens"``.
+        anatomy: normalise over this anatomy's tokens (0 elsewhere) instead of the body's, e.g.
+            the lungs for "a nodule in the right lower lobe".
     """
     text = prompt[0] if isinstance(prompt, (tuple, list)) else prompt
     text = str(text).strip()
@@ -196,7 +214,7 @@ def prompt_heatmap(
         raise ValueError("prompt must not be empty")
     emb = text_embeddings(model, [text])[0]
     cos = (features.token_embeddings @ emb).float().cpu().numpy()
-    body = _body_tokens(features)
+    body = _scope(features, anatomy)
     if normalize == "minmax":
         values = normalize_map(cos, within=body)
     elif normalize == "softmax":

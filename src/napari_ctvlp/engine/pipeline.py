@@ -188,19 +188,21 @@ class DetectionSession:
         with self._lock:
             return robustness(self.model, self.features, finding, paraphrases=paraphrases)
 
-    def prompt_heatmap(self, prompt: str | tuple[str, str], *, grid: str = "source") -> np.ndarray:
-        """Prompt heatmap in ``[0, 1]`` on the input grid (``grid="source"``)."""
+    def prompt_heatmap(self, prompt: str | tuple[str, str], *, grid: str = "source",
+                       anatomy: str | None = None) -> np.ndarray:
+        """Prompt heatmap in ``[0, 1]`` on the input grid (``grid="source"``), over the body or ``anatomy``."""
         from napari_ctvlp.engine.attention import prompt_heatmap
 
         with self._lock:
-            return prompt_heatmap(self.model, self.features, prompt, grid=grid)  # type: ignore[arg-type]
+            return prompt_heatmap(self.model, self.features, prompt, grid=grid, anatomy=anatomy)  # type: ignore[arg-type]
 
-    def abnormality_heatmap(self, abnormality: str, *, grid: str = "source") -> np.ndarray:
-        """Pixel-tag map of an abnormality on the input grid."""
+    def abnormality_heatmap(self, abnormality: str, *, grid: str = "source", anatomy: str | None = None) -> np.ndarray:
+        """Pixel-tag map of an abnormality on the input grid, over the body or ``anatomy``."""
         from napari_ctvlp.engine.attention import abnormality_heatmap
 
         with self._lock:
-            return abnormality_heatmap(self.model, self.features, abnormality, grid=grid)  # type: ignore[arg-type]
+            return abnormality_heatmap(self.model, self.features, abnormality, grid=grid,  # type: ignore[arg-type]
+                                       anatomy=anatomy)
 
     def anatomy_heatmaps(self, *, anatomies: Sequence[str] | None = None, kind: str = "tags", grid: str = "source") -> dict[str, np.ndarray]:
         """Per-anatomy tag (or pooling-attention) maps on the input grid."""

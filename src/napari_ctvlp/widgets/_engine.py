@@ -474,9 +474,12 @@ def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None) -> H
 
 
 def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
-    """The abnormality's pixel-tag attention map on the CT grid, masked outside the body (worker thread)."""
-    del anatomy  # the tag map covers the whole CT; the view is centred on the anatomy instead
-    return masked_heatmap(abnormality, result.session.abnormality_heatmap(abnormality), result.segmentation.labels)
+    """The abnormality's pixel-tag attention map on the CT grid, normalised over the row's anatomy
+    (the whole body when the scan lacks it), masked outside the body (worker thread)."""
+    features = result.session.features
+    scoped = anatomy in features.anatomies and bool(features.present[features.anatomies.index(anatomy)])
+    heat = result.session.abnormality_heatmap(abnormality, anatomy=anatomy if scoped else None)
+    return masked_heatmap(abnormality, heat, result.segmentation.labels)
 
 
 def export_source(result: Any, *, extra_heatmaps: dict[str, np.ndarray] | None = None) -> ExportSource:
