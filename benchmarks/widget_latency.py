@@ -62,6 +62,34 @@ def _wait(task, timeout: float = 600.0):
     return outcome
 
 
+class StallMonitor:
+    """Longest gap between ticks of a 5 ms QTimer on the GUI thread: how long the GUI froze."""
+
+    def __init__(self) -> None:
+        from qtpy.QtCore import QTimer
+
+        self.timer = QTimer()
+        self.timer.setInterval(5)
+        self.timer.timeout.connect(self._tick)
+        self.last = time.perf_counter()
+        self.longest = 0.0
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.longest = max(self.longest, now - self.last)
+        self.last = now
+
+    def __enter__(self) -> StallMonitor:
+        self.last = time.perf_counter()
+        self.longest = 0.0
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tick()
+        self.timer.stop()
+
+
 def _measure(viewer, widget, *, label: str, segmentation: str, mask_layer: str | None) -> dict[str, float]:
     from qtpy.QtWidgets import QApplication
 
@@ -72,12 +100,14 @@ def _measure(viewer, widget, *, label: str, segmentation: str, mask_layer: str |
     for run in ("first", "second"):
         QApplication.processEvents()
         t0 = time.perf_counter()
-        widget.detect_button.click()
-        if widget.task is None:
-            raise RuntimeError(f"{label}: detection did not start: {widget.messages[-1:]}")
-        _wait(widget.task)
-        QApplication.processEvents()  # the table and the layers are drawn
+        with StallMonitor() as stall:
+            widget.detect_button.click()
+            if widget.task is None:
+                raise RuntimeError(f"{label}: detection did not start: {widget.messages[-1:]}")
+            _wait(widget.task)
+            QApplication.processEvents()  # the table and the layers are drawn
         out[f"detect_{run}"] = time.perf_counter() - t0
+        out[f"stall_detect_{run}"] = stall.longest
         assert widget.results_table.rowCount() > 0
     out["engine_total"] = float(widget.result.timings["total"])
     panel = widget.prompt_panel
@@ -95,11 +125,13 @@ def _measure(viewer, widget, *, label: str, segmentation: str, mask_layer: str |
     row = max(range(table.rowCount()), key=lambda r: table.item(r, 0).text() == "lung")
     anatomy, abnormality = table.item(row, 0).text(), table.item(row, 1).text()
     t0 = time.perf_counter()
-    task = widget.show_row(anatomy, abnormality)
-    if task is not None:
-        _wait(task)
-    QApplication.processEvents()
+    with StallMonitor() as stall:
+        task = widget.show_row(anatomy, abnormality)
+        if task is not None:
+            _wait(task)
+        QApplication.processEvents()
     out["row_heatmap"] = time.perf_counter() - t0
+    out["stall_heatmap"] = stall.longest
     return out
 
 
@@ -170,13 +202,15 @@ def main(argv: list[str] | None = None) -> int:
 
         print()
         print(f"{'case':64s} {'1st detect':>11s} {'2nd detect':>11s} {'engine':>8s} {'re-prompt':>10s} "
-              f"{'1st prompt':>10s} {'row heatmap':>11s}")
+              f"{'1st prompt':>10s} {'row heatmap':>11s} {'GUI stall':>10s}")
         for name, r in rows:
             print(f"{name:64s} {r['detect_first']:10.2f}s {r['detect_second']:10.2f}s {r['engine_total']:7.2f}s "
-                  f"{r['reprompt_median']:9.3f}s {r['reprompt_first']:9.3f}s {r['row_heatmap']:10.3f}s")
+                  f"{r['reprompt_median']:9.3f}s {r['reprompt_first']:9.3f}s {r['row_heatmap']:10.3f}s "
+                  f"{max(r['stall_detect_second'], r['stall_heatmap']):9.3f}s")
         print("detect = click -> table filled and organ layer shown (the 1st detect of the 1st case loads the "
               "checkpoint); engine = detect()'s own total (2nd run); re-prompt = Enter -> per-anatomy scores "
-              "shown, median of 5 new prompts; row heatmap = row click -> heatmap layer shown")
+              "shown, median of 5 new prompts; row heatmap = row click -> heatmap layer shown; GUI stall = longest "
+              "gap of a 5 ms GUI-thread timer during the 2nd detect and the row heatmap (target < 0.3 s)")
     finally:
         if display is not None:
             display.stop()
