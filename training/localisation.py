@@ -9,6 +9,8 @@ are scored on the input grid:
 * ``prompt``: the prompt heatmap of the finding term (cosine of the prompt embedding with every
   token embedding), as ``napari-ctvlp detect --prompt "<finding>"`` writes it;
 * ``tags``: the MOSMOS pixel-tag map of the finding (the tag decoder's cross-attention);
+* ``attribution`` (models with voxel statistics): which voxels of the finding's anatomy raise the
+  finding term's score (:mod:`napari_ctvlp.engine.attribution`), at voxel resolution;
 * ``prompt_in_anatomy`` / ``tags_in_anatomy``: the same maps normalised over the finding's anatomy
   (the lungs for a nodule), zero elsewhere, as a reader looking at one row of the results table
   would want them. Pointing and AUROC are over the body for every kind, so a scoped map gets no
@@ -44,6 +46,8 @@ KINDS = ("prompt", "tags")
 #: maps normalised over the finding's anatomy (pointing and AUROC only: their cross-finding
 #: correlation would mostly measure that different anatomies do not overlap)
 SCOPED_KINDS = ("prompt_in_anatomy", "tags_in_anatomy")
+#: voxel attribution through the voxel statistics (models with ``statistics_edges`` only)
+ATTRIBUTION_KIND = "attribution"
 
 
 def pointing_hit(heat: np.ndarray, lesion: np.ndarray, *, spacing: Sequence[float], tolerance_mm: float = 5.0,
@@ -115,6 +119,8 @@ def _heatmap(session: Any, kind: str, k: int, *, grid: str) -> np.ndarray:
     """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map;
     ``*_in_anatomy``: normalised over the finding's anatomy) of abnormality number ``k`` on ``grid``."""
     anatomy = ABNORMALITIES[k].anatomy if kind.endswith("_in_anatomy") else None
+    if kind == ATTRIBUTION_KIND:
+        return session.attribution_heatmap(ABNORMALITIES[k].term, anatomy=ABNORMALITIES[k].anatomy, grid=grid)
     if kind.startswith("prompt"):
         return session.prompt_heatmap(ABNORMALITIES[k].term, grid=grid, anatomy=anatomy)
     return session.abnormality_heatmap(ABNORMALITY_NAMES[k], grid=grid, anatomy=anatomy)
@@ -165,8 +171,10 @@ def evaluate_localisation(
     from napari_ctvlp.io import read_ct, read_labels
 
     cases = _cases(Path(data), split)[: limit or None]
-    load_model(checkpoint, device=device)  # fail early on a bad checkpoint (cached for detect)
+    loaded = load_model(checkpoint, device=device)  # fail early on a bad checkpoint (cached for detect)
     scored = KINDS + SCOPED_KINDS
+    if loaded.model.statistics is not None:
+        scored += (ATTRIBUTION_KIND,)
     hits: dict[str, list[bool]] = {k: [] for k in scored}
     aucs: dict[str, list[float]] = {k: [] for k in scored}
     per_finding: dict[str, dict[str, list[float]]] = {k: {n: [] for n in ABNORMALITY_NAMES} for k in scored}
@@ -187,7 +195,7 @@ def evaluate_localisation(
             if not lesion.any():
                 continue
             for kind in scored:
-                if kind in SCOPED_KINDS and not session.features.present[
+                if kind != "prompt" and kind != "tags" and not session.features.present[
                         session.features.anatomies.index(ABNORMALITIES[k].anatomy)]:
                     hits[kind].append(False)  # its anatomy is not in the mask: nothing to point with
                     aucs[kind].append(float("nan"))

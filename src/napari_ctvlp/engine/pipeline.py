@@ -196,6 +196,14 @@ class DetectionSession:
         with self._lock:
             return prompt_heatmap(self.model, self.features, prompt, grid=grid, anatomy=anatomy)  # type: ignore[arg-type]
 
+    def attribution_heatmap(self, prompt: str | tuple[str, str], *, anatomy: str, grid: str = "source") -> np.ndarray:
+        """Voxel attribution of ``prompt``'s score in ``anatomy`` (models with voxel statistics;
+        :func:`engine.attribution.attribution_heatmap`)."""
+        from napari_ctvlp.engine.attribution import attribution_heatmap
+
+        with self._lock:
+            return attribution_heatmap(self.model, self.features, prompt, anatomy=anatomy, grid=grid)  # type: ignore[arg-type]
+
     def abnormality_heatmap(self, abnormality: str, *, grid: str = "source", anatomy: str | None = None) -> np.ndarray:
         """Pixel-tag map of an abnormality on the input grid, over the body or ``anatomy``."""
         from napari_ctvlp.engine.attention import abnormality_heatmap

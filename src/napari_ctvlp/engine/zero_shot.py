@@ -130,6 +130,9 @@ class ImageFeatures:
         prepared: the model-grid volume (geometry for mapping maps back).
         logit_scale: ``exp(logit_scale)`` clamped at 100.
         timings: seconds per step.
+        voxel: what attribution maps need from a model with voxel statistics (None otherwise):
+            ``masks`` ``[A, D, H, W]`` bool anatomy masks on the model grid, ``stage4`` ``[S, ...]``
+            the stride-4 stem features, ``pooled`` ``[A, C]`` the pooling attention outputs.
     """
 
     tokens: torch.Tensor
@@ -146,6 +149,7 @@ class ImageFeatures:
     prepared: PreparedVolume
     logit_scale: float
     timings: dict[str, float] = field(default_factory=dict)
+    voxel: dict[str, torch.Tensor] | None = None
 
 
 def _mask_factors(spacing: tuple[float, ...], patch: tuple[int, ...], max_mm: float) -> tuple[int, int, int]:
@@ -225,7 +229,11 @@ def encode_volume(
         timings["pooling_tags"] = time.perf_counter() - t2
     report(progress, 3, 3, "image features ready")
     attention = pooled.attention[0] if pooled.attention is not None else torch.zeros_like(token_masks[0], dtype=torch.float32)
+    voxel = None
+    if embedded.stage4 is not None and pooled.pooled is not None:
+        voxel = {"masks": voxel_masks[0], "stage4": embedded.stage4[0].float(), "pooled": pooled.pooled[0].float()}
     return ImageFeatures(
+        voxel=voxel,
         tokens=tokens, anatomy_embeddings=pooled.embeddings[0].float(),
         present=pooled.present[0].cpu().numpy().astype(bool), token_embeddings=tok_emb,
         pooling_attention=attention.float(), token_masks=token_masks[0], tag_maps=tags.maps[0].float(),

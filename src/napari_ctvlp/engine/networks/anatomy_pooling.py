@@ -32,11 +32,14 @@ class AnatomyEmbeddings:
         present: ``[B, A]`` bool, False where the anatomy mask covers no token.
         attention: ``[B, A, N]`` softmax weights (mean over heads, 0 outside the mask and for
             absent anatomies), or None unless requested.
+        pooled: ``[B, A, C]`` the attention output before the statistics and the projection
+            (what :meth:`AnatomyPooling.embed` needs to re-embed an anatomy), or None unless requested.
     """
 
     embeddings: Tensor
     present: Tensor
     attention: Tensor | None = None
+    pooled: Tensor | None = None
 
 
 class AnatomyPooling(nn.Module):
@@ -119,13 +122,7 @@ class AnatomyPooling(nn.Module):
         v = self._heads(self.v(kv))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.unsqueeze(1))  # [B, h, A, d]
         out = out.transpose(1, 2).reshape(b, a, c)
-        if statistics is not None:
-            out = out + statistics.to(out.dtype)
-        if direct is None:
-            emb = self._finish(out)
-        else:
-            emb = F.normalize(self.image_proj(self.norm_out(self.out_proj(out))) + direct.to(out.dtype), dim=-1)
-        emb = emb * present.unsqueeze(-1).to(tokens.dtype)
+        emb = self.embed(out, statistics=statistics, direct=direct) * present.unsqueeze(-1).to(tokens.dtype)
         attention = None
         if return_attention:
             scores = (q @ k.transpose(-2, -1)) * (c // self.num_heads) ** -0.5  # [B, h, A, N]
@@ -134,7 +131,17 @@ class AnatomyPooling(nn.Module):
             else:
                 scores = scores + attn_mask.unsqueeze(1)
             attention = scores.softmax(-1).mean(1) * present.unsqueeze(-1).to(scores.dtype)
-        return AnatomyEmbeddings(embeddings=emb, present=present, attention=attention)
+        return AnatomyEmbeddings(embeddings=emb, present=present, attention=attention,
+                                 pooled=out if return_attention else None)
+
+    def embed(self, pooled: Tensor, *, statistics: Tensor | None = None, direct: Tensor | None = None) -> Tensor:
+        """Attention output ``[..., C]`` (+ statistics ``[..., C]``, + direct ``[..., E]``) -> the
+        L2-normalised joint-space embedding, as :meth:`forward` computes it."""
+        if statistics is not None:
+            pooled = pooled + statistics.to(pooled.dtype)
+        if direct is None:
+            return self._finish(pooled)
+        return F.normalize(self.image_proj(self.norm_out(self.out_proj(pooled))) + direct.to(pooled.dtype), dim=-1)
 
     def project_tokens(self, tokens: Tensor, *, statistics: Tensor | None = None,
                        direct: Tensor | None = None) -> Tensor:
@@ -143,9 +150,4 @@ class AnatomyPooling(nn.Module):
         :meth:`forward` adds an anatomy's (a token is then embedded as a one-token anatomy)."""
         if tokens.ndim != 3 or tokens.shape[-1] != self.hidden_size:
             raise ValueError(f"tokens must be [B, N, {self.hidden_size}], got {tuple(tokens.shape)}")
-        values = self.v(self.norm_kv(tokens))
-        if statistics is not None:
-            values = values + statistics.to(values.dtype)
-        if direct is None:
-            return self._finish(values)
-        return F.normalize(self.image_proj(self.norm_out(self.out_proj(values))) + direct.to(values.dtype), dim=-1)
+        return self.embed(self.v(self.norm_kv(tokens)), statistics=statistics, direct=direct)

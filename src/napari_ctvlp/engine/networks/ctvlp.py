@@ -46,11 +46,14 @@ class ImageEmbedding:
         anatomies: the per-anatomy embeddings.
         cells: ``[B, N, F]`` raw voxel statistics of every feature cell, or None for models without
             ``config.statistics_edges`` (pass to :meth:`CTVLP.token_embeddings`).
+        stage4: ``[B, S, D/4, H/4, W/4]`` the stride-4 stem features the statistics read (None
+            without statistics).
     """
 
     tokens: Tensor
     anatomies: AnatomyEmbeddings
     cells: Tensor | None = None
+    stage4: Tensor | None = None
 
 
 class CTVLP(nn.Module):
@@ -180,7 +183,7 @@ class CTVLP(nn.Module):
             stats, direct = self.statistics.anatomy_features(image, stage4, anatomy_masks)
         pooled = self.anatomy_pooling(tokens, token_masks, statistics=stats, direct=direct,
                                       return_attention=return_attention)
-        return ImageEmbedding(tokens=tokens, anatomies=pooled, cells=cells)
+        return ImageEmbedding(tokens=tokens, anatomies=pooled, cells=cells, stage4=stage4)
 
     def _check_masks(self, masks: Tensor) -> None:
         a = len(self.config.anatomies)
