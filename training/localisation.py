@@ -10,7 +10,7 @@ are scored on the input grid:
   token embedding), as ``napari-ctvlp detect --prompt "<finding>"`` writes it;
 * ``tags``: the MOSMOS pixel-tag map of the finding (the tag decoder's cross-attention);
 * ``attribution`` (models with voxel statistics): which voxels of the finding's anatomy raise the
-  finding term's score (:mod:`napari_ctvlp.engine.attribution`), at voxel resolution;
+  finding's margin over its 6 template pairs (:mod:`napari_ctvlp.engine.attribution`), at voxel resolution;
 * ``prompt_in_anatomy`` / ``tags_in_anatomy``: the same maps normalised over the finding's anatomy
   (the lungs for a nodule), zero elsewhere, as a reader looking at one row of the results table
   would want them. Pointing and AUROC are over the body for every kind, so a scoped map gets no
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_ctvlp.engine.anatomy import ABNORMALITIES, ABNORMALITY_NAMES
+from napari_ctvlp.engine.anatomy import ABNORMALITIES, ABNORMALITY_NAMES, prompt_pairs
 from napari_ctvlp.engine.volume import ProgressCallback, report
 
 logger = logging.getLogger(__name__)
@@ -119,8 +119,9 @@ def _heatmap(session: Any, kind: str, k: int, *, grid: str) -> np.ndarray:
     """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map;
     ``*_in_anatomy``: normalised over the finding's anatomy) of abnormality number ``k`` on ``grid``."""
     anatomy = ABNORMALITIES[k].anatomy if kind.endswith("_in_anatomy") else None
-    if kind == ATTRIBUTION_KIND:
-        return session.attribution_heatmap(ABNORMALITIES[k].term, anatomy=ABNORMALITIES[k].anatomy, grid=grid)
+    if kind == ATTRIBUTION_KIND:  # the margin of the finding's 6 template pairs, as its probability uses
+        return session.attribution_heatmap(prompt_pairs(ABNORMALITY_NAMES[k]), anatomy=ABNORMALITIES[k].anatomy,
+                                           grid=grid)
     if kind.startswith("prompt"):
         return session.prompt_heatmap(ABNORMALITIES[k].term, grid=grid, anatomy=anatomy)
     return session.abnormality_heatmap(ABNORMALITY_NAMES[k], grid=grid, anatomy=anatomy)

@@ -41,6 +41,12 @@ def test_attribution_map_is_voxel_resolved_inside_its_anatomy(stats_model) -> No
     other = attribution_heatmap(stats_model, features, "a calcified nodule", anatomy="lung", grid="model")
     assert not np.allclose(heat, other)  # the map explains the prompt, not only the anatomy
     assert all(p.grad is None for p in stats_model.parameters())  # no side effect on the model
+    from napari_ctvlp.engine.anatomy import prompt_pairs
+
+    margin = attribution_heatmap(stats_model, features, prompt_pairs("Emphysema"), anatomy="lung", grid="model")
+    assert margin.shape == heat.shape and not np.allclose(margin, heat)
+    with pytest.raises(ValueError, match="pairs"):
+        attribution_heatmap(stats_model, features, [("emphysema", "")], anatomy="lung")
 
 
 def _cosine(model, features, image: np.ndarray, j: int, text: str) -> float:

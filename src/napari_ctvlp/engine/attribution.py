@@ -4,7 +4,9 @@ For a model with voxel statistics (``CTVLPConfig.statistics_edges``) an anatomy'
 depends on its voxels through the HU histogram of its mask and through the masked mean and
 maximum of the stride-4 stem features
 (:class:`~napari_ctvlp.engine.networks.voxel_statistics.VoxelStatistics`). The map here is the
-first-order contribution of each voxel to ``cos(anatomy embedding, sentence embedding)``:
+first-order contribution of each voxel to ``cos(anatomy embedding, sentence embedding)`` (or,
+for (positive, negative) prompt pairs, to the mean margin ``cos(+) - cos(-)`` that sets the
+finding's probability):
 
 * histogram: a voxel in bin ``k`` adds ``1 / N`` to that bin's share, so it contributes
   ``g_k / (N * (share_k + floor))`` where ``g_k`` is the gradient of the cosine with respect to the
@@ -29,6 +31,8 @@ from napari_ctvlp.engine.preprocess import to_source_grid
 from napari_ctvlp.engine.zero_shot import ImageFeatures, text_embeddings
 
 if TYPE_CHECKING:
+    import torch
+
     from napari_ctvlp.engine.networks import CTVLP
 
 __all__ = ["attribution_heatmap", "supports_attribution"]
@@ -41,7 +45,22 @@ def supports_attribution(features: ImageFeatures) -> bool:
     return features.voxel is not None
 
 
-def _contributions(model: CTVLP, features: ImageFeatures, text: str, j: int) -> dict[str, np.ndarray]:
+def _direction(model: CTVLP, prompt: str | tuple[str, str] | list[tuple[str, str]]) -> torch.Tensor:
+    """What is explained, as a joint-space vector: a sentence's embedding, or for (positive,
+    negative) pairs the mean of ``t_pos - t_neg`` (the margin that sets the probability)."""
+    if isinstance(prompt, str):
+        text = prompt.strip()
+        if not text:
+            raise ValueError("prompt must not be empty")
+        return text_embeddings(model, [text])[0]
+    pairs = [prompt] if isinstance(prompt, tuple) else list(prompt)
+    if not pairs or any(len(p) != 2 or not str(p[0]).strip() or not str(p[1]).strip() for p in pairs):
+        raise ValueError("prompt pairs must be non-empty (positive, negative) sentences")
+    emb = text_embeddings(model, [str(t).strip() for p in pairs for t in p])
+    return (emb[0::2] - emb[1::2]).mean(0)
+
+
+def _contributions(model: CTVLP, features: ImageFeatures, text: str | torch.Tensor, j: int) -> dict[str, np.ndarray]:
     """Signed first-order contributions of every model-grid voxel of anatomy ``j`` (0 elsewhere):
     ``{"histogram": ..., "features": ...}`` (the two paths of the module docstring)."""
     import torch
@@ -52,7 +71,7 @@ def _contributions(model: CTVLP, features: ImageFeatures, text: str, j: int) -> 
     assert stats_module is not None and features.voxel is not None
     dev = model.device
     with torch.inference_mode(False), torch.enable_grad():
-        emb_t = text_embeddings(model, [text])[0].detach().clone().to(dev)
+        emb_t = (text if isinstance(text, torch.Tensor) else text_embeddings(model, [text])[0]).detach().clone().to(dev)
         image = torch.from_numpy(np.ascontiguousarray(features.prepared.image))[None, None].to(dev)
         mask = features.voxel["masks"][j].clone()[None, None].to(dev)  # [1, 1, D, H, W]
         stage4 = features.voxel["stage4"].clone()[None].to(dev).requires_grad_(True)
@@ -82,7 +101,7 @@ def _contributions(model: CTVLP, features: ImageFeatures, text: str, j: int) -> 
 def attribution_heatmap(
     model: CTVLP,
     features: ImageFeatures,
-    prompt: str | tuple[str, str],
+    prompt: str | tuple[str, str] | list[tuple[str, str]],
     *,
     anatomy: str,
     grid: Literal["source", "model"] = "source",
@@ -93,7 +112,9 @@ def attribution_heatmap(
     Args:
         model: the model that computed ``features``.
         features: :func:`~napari_ctvlp.engine.zero_shot.encode_volume` output.
-        prompt: a sentence (or a (positive, negative) pair: the positive one is explained).
+        prompt: a sentence (its cosine is explained), or one or more (positive, negative) pairs
+            (the mean margin ``cos(+) - cos(-)`` is explained: what moves the probability, e.g.
+            :func:`~napari_ctvlp.engine.anatomy.prompt_pairs` of a finding).
         anatomy: the anatomy whose embedding is explained (e.g. ``"lung"`` for a nodule).
         grid: ``"source"`` (input CT grid, linear) or ``"model"``.
         smooth_voxels: Gaussian sigma (model-grid voxels) applied to the contributions inside the
@@ -107,10 +128,7 @@ def attribution_heatmap(
     if not supports_attribution(features):
         raise ValueError("attribution maps need a checkpoint with voxel statistics (config.statistics_edges); "
                          "use the prompt heatmap or the pixel-tag map instead")
-    text = prompt[0] if isinstance(prompt, (tuple, list)) else prompt
-    text = str(text).strip()
-    if not text:
-        raise ValueError("prompt must not be empty")
+    direction = _direction(model, prompt)
     if anatomy not in features.anatomies:
         raise ValueError(f"anatomy {anatomy!r} is not pooled by this model ({', '.join(features.anatomies)})")
     j = features.anatomies.index(anatomy)
@@ -118,7 +136,7 @@ def attribution_heatmap(
         raise ValueError(f"the {anatomy} is not in this scan's organ mask")
     if grid not in ("source", "model"):
         raise ValueError(f"grid must be 'source' or 'model', got {grid!r}")
-    parts = _contributions(model, features, text, j)
+    parts = _contributions(model, features, direction, j)
     heat = np.clip(parts["histogram"] + parts["features"], 0.0, None)
     if smooth_voxels > 0:
         from scipy import ndimage

@@ -457,9 +457,10 @@ class Heatmap:
     name: str
     array: np.ndarray
     limits: tuple[float, float]
+    kind: str = "attention"
 
 
-def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None) -> Heatmap:
+def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None, *, kind: str = "attention") -> Heatmap:
     """``array`` with every voxel outside the body (organ label 0) set to the lowest value inside,
     so the additive overlay leaves it dark (computed in the worker thread: no GUI stall)."""
     heat = np.array(array, dtype=np.float32, copy=True)
@@ -470,14 +471,24 @@ def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None) -> H
     if inside is not None and inside.any():
         heat[~inside] = lo
     heat[~np.isfinite(heat)] = lo
-    return Heatmap(name, heat, (lo, hi if hi > lo else lo + 1.0))
+    return Heatmap(name, heat, (lo, hi if hi > lo else lo + 1.0), kind)
 
 
 def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
-    """The abnormality's pixel-tag attention map on the CT grid, normalised over the row's anatomy
-    (the whole body when the scan lacks it), masked outside the body (worker thread)."""
+    """A results row's map on the CT grid, masked outside the body (worker thread).
+
+    Models with voxel statistics: the voxel attribution of the finding's template margin in the
+    row's anatomy (``kind="attribution"``). Others: the pixel-tag attention map, normalised over the
+    row's anatomy (the whole body when the scan lacks it).
+    """
+    from napari_ctvlp.engine.anatomy import ABNORMALITY_BY_NAME, prompt_pairs
+    from napari_ctvlp.engine.attribution import supports_attribution
+
     features = result.session.features
     scoped = anatomy in features.anatomies and bool(features.present[features.anatomies.index(anatomy)])
+    if scoped and supports_attribution(features) and abnormality in ABNORMALITY_BY_NAME:
+        heat = result.session.attribution_heatmap(prompt_pairs(abnormality), anatomy=anatomy)
+        return masked_heatmap(abnormality, heat, result.segmentation.labels, kind="attribution")
     heat = result.session.abnormality_heatmap(abnormality, anatomy=anatomy if scoped else None)
     return masked_heatmap(abnormality, heat, result.segmentation.labels)
 

@@ -577,10 +577,16 @@ class DetectWidget(QWidget):
         if colorbar is not None:
             colorbar.visible = True
         lo, hi = heat.limits
-        self.heatmap_legend.setText(
-            f"Heatmap: {name}. Attention of the model (arbitrary units, {lo:.3g} dark .. {hi:.3g} bright, "
-            "colour bar at the top right); outside the body masked. It shows where the model looked, "
-            "not a lesion outline.")
+        if getattr(heat, "kind", "attention") == "attribution":
+            self.heatmap_legend.setText(
+                f"Heatmap: {name}. Which voxels of the organ raise the model's score for it (first-order "
+                f"attribution through the organ's HU histogram and local features; {lo:.3g} dark .. "
+                f"{hi:.3g} bright, colour bar at the top right); 0 outside the organ. Not a lesion outline.")
+        else:
+            self.heatmap_legend.setText(
+                f"Heatmap: {name}. Attention of the model (arbitrary units, {lo:.3g} dark .. {hi:.3g} bright, "
+                "colour bar at the top right); outside the body masked. It shows where the model looked, "
+                "not a lesion outline.")
         self.heatmap_legend.setVisible(True)
         self.status_label.setText(f"{name}: heatmap shown")
         return layer
