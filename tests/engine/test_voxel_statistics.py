@@ -118,7 +118,7 @@ def test_config_validates_statistics_edges_and_old_checkpoints_have_none():
     with pytest.raises(ValueError, match="stem='conv'"):
         CTVLPConfig.tiny(statistics_edges=(0.0,))
     cfg = CTVLPConfig.phantom_cpu()
-    assert len(cfg.statistics_edges) == 15 and cfg.statistics_edges[0] == pytest.approx(-0.95)
+    assert len(cfg.statistics_edges) == 16 and cfg.statistics_edges[0] == pytest.approx(-0.95)
     assert CTVLPConfig.from_dict(cfg.to_dict(), strict=True) == cfg
     d = cfg.to_dict()
     d.pop("statistics_edges")

@@ -34,9 +34,10 @@ PHANTOM_STEM_WINDOWS: tuple[tuple[float, float], ...] = ((-1.0, -0.7), (-1.0, -0
 #: Inner edges of the voxel-statistics HU histogram (``phantom_cpu``), in model input units
 #: (``HU / 1000`` for the default window): -950 (the LAA-950 emphysema threshold), normal lung
 #: (-900..-800), ground glass (-700..-500), fat (-100..-30), fluid (-30..30), soft tissue and
-#: nodules (30..100), contrast-enhanced blood (100..400), calcium (400..700) and metal (>= 700).
+#: nodules (30..100), contrast-enhanced blood (100..400), calcium (400..700), cortical bone
+#: (700..990) and what saturates the window (>= 990: metal; cortical bone rarely reaches it).
 HISTOGRAM_EDGES: tuple[float, ...] = tuple(
-    hu / 1000.0 for hu in (-950, -900, -850, -800, -700, -600, -500, -300, -100, -30, 30, 100, 200, 400, 700)
+    hu / 1000.0 for hu in (-950, -900, -850, -800, -700, -600, -500, -300, -100, -30, 30, 100, 200, 400, 700, 990)
 )
 #: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
 _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any", "stem": "patch",
