@@ -196,7 +196,7 @@ def evaluate_localisation(
             if not lesion.any():
                 continue
             for kind in scored:
-                if kind != "prompt" and kind != "tags" and not session.features.present[
+                if kind not in KINDS and not session.features.present[
                         session.features.anatomies.index(ABNORMALITIES[k].anatomy)]:
                     hits[kind].append(False)  # its anatomy is not in the mask: nothing to point with
                     aucs[kind].append(float("nan"))

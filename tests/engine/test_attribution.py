@@ -7,7 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_ctvlp.engine.attribution import _contributions, attribution_heatmap, supports_attribution  # noqa: E402
+from napari_ctvlp.engine.attribution import (  # noqa: E402
+    _contributions, _direction, attribution_heatmap, supports_attribution,
+)
 from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig  # noqa: E402
 from napari_ctvlp.engine.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from napari_ctvlp.engine.zero_shot import encode_volume  # noqa: E402
@@ -72,7 +74,7 @@ def test_histogram_contributions_predict_the_change_of_the_score(stats_model) ->
     inside = features.voxel["masks"][j].numpy()
     vs = stats_model.statistics
     bins = np.searchsorted(vs.edges.numpy(), image, side="left")  # torch.bucketize(right=False)
-    hist = _contributions(stats_model, features, text, j)["histogram"]
+    hist = _contributions(stats_model, features, _direction(stats_model, text), j)["histogram"]
     counts = np.bincount(bins[inside], minlength=vs.bins)
     a, b = np.argsort(counts)[-2:]  # the two most common bins inside the anatomy
     per_voxel = {}

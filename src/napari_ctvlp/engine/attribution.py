@@ -60,9 +60,10 @@ def _direction(model: CTVLP, prompt: str | tuple[str, str] | list[tuple[str, str
     return (emb[0::2] - emb[1::2]).mean(0)
 
 
-def _contributions(model: CTVLP, features: ImageFeatures, text: str | torch.Tensor, j: int) -> dict[str, np.ndarray]:
-    """Signed first-order contributions of every model-grid voxel of anatomy ``j`` (0 elsewhere):
-    ``{"histogram": ..., "features": ...}`` (the two paths of the module docstring)."""
+def _contributions(model: CTVLP, features: ImageFeatures, direction: torch.Tensor, j: int) -> dict[str, np.ndarray]:
+    """Signed first-order contributions of every model-grid voxel of anatomy ``j`` (0 elsewhere) to
+    ``embedding . direction`` (:func:`_direction`): ``{"histogram": ..., "features": ...}`` (the
+    two paths of the module docstring)."""
     import torch
 
     from napari_ctvlp.engine.networks.voxel_statistics import STATISTICS_STRIDE
@@ -71,7 +72,7 @@ def _contributions(model: CTVLP, features: ImageFeatures, text: str | torch.Tens
     assert stats_module is not None and features.voxel is not None
     dev = model.device
     with torch.inference_mode(False), torch.enable_grad():
-        emb_t = (text if isinstance(text, torch.Tensor) else text_embeddings(model, [text])[0]).detach().clone().to(dev)
+        emb_t = direction.detach().clone().to(dev)
         image = torch.from_numpy(np.ascontiguousarray(features.prepared.image))[None, None].to(dev)
         mask = features.voxel["masks"][j].clone()[None, None].to(dev)  # [1, 1, D, H, W]
         stage4 = features.voxel["stage4"].clone()[None].to(dev).requires_grad_(True)
@@ -86,14 +87,14 @@ def _contributions(model: CTVLP, features: ImageFeatures, text: str | torch.Tens
     g_hist = g_stats[0, 0, :k]
     share = stats[0, 0, :k].detach().exp()  # share + floor
     count = float(mask.sum())
-    bins = torch.bucketize(image.flatten().float(), stats_module.edges).view(image.shape[2:])
+    bins = stats_module.bin_index(image).view(image.shape[2:])
     hist_part = (g_hist / (count * share))[bins]  # [D, H, W]
     cell = (g_stage4[0] * stage4[0].detach()).sum(0)  # [D/4, H/4, W/4] gradient x input
     inside = mask[0, 0].float()
     per_cell = torch.nn.functional.avg_pool3d(inside[None, None], STATISTICS_STRIDE)[0, 0] * STATISTICS_STRIDE ** 3
     spread = torch.where(per_cell > 0, cell / per_cell.clamp_min(1.0), torch.zeros_like(cell))
-    learned_part = spread.repeat_interleave(STATISTICS_STRIDE, 0).repeat_interleave(
-        STATISTICS_STRIDE, 1).repeat_interleave(STATISTICS_STRIDE, 2)
+    learned_part = torch.nn.functional.interpolate(spread[None, None], scale_factor=STATISTICS_STRIDE,
+                                                   mode="nearest")[0, 0]
     return {"histogram": (hist_part * inside).detach().float().cpu().numpy(),
             "features": (learned_part * inside).detach().float().cpu().numpy()}
 

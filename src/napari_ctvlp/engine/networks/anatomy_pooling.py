@@ -91,9 +91,13 @@ class AnatomyPooling(nn.Module):
         if token_masks.dtype != torch.bool and not token_masks.is_floating_point():
             raise ValueError(f"token_masks must be a bool or floating (fraction) tensor, got {token_masks.dtype}")
 
-    def _finish(self, pooled: Tensor) -> Tensor:
-        """Attention output ``[..., C]`` (before ``out_proj``) -> normalised joint embedding."""
-        return F.normalize(self.image_proj(self.norm_out(self.out_proj(pooled))), dim=-1)
+    def _finish(self, pooled: Tensor, direct: Tensor | None = None) -> Tensor:
+        """Attention output ``[..., C]`` (before ``out_proj``) (+ ``direct`` ``[..., E]`` before the
+        normalisation) -> normalised joint embedding."""
+        out = self.image_proj(self.norm_out(self.out_proj(pooled)))
+        if direct is not None:
+            out = out + direct.to(out.dtype)
+        return F.normalize(out, dim=-1)
 
     def forward(self, tokens: Tensor, token_masks: Tensor, *, statistics: Tensor | None = None,
                 direct: Tensor | None = None, return_attention: bool = False) -> AnatomyEmbeddings:
@@ -139,9 +143,7 @@ class AnatomyPooling(nn.Module):
         L2-normalised joint-space embedding, as :meth:`forward` computes it."""
         if statistics is not None:
             pooled = pooled + statistics.to(pooled.dtype)
-        if direct is None:
-            return self._finish(pooled)
-        return F.normalize(self.image_proj(self.norm_out(self.out_proj(pooled))) + direct.to(pooled.dtype), dim=-1)
+        return self._finish(pooled, direct)
 
     def project_tokens(self, tokens: Tensor, *, statistics: Tensor | None = None,
                        direct: Tensor | None = None) -> Tensor:

@@ -26,6 +26,7 @@ statistics train the stem directly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -81,8 +82,8 @@ class VoxelStatistics(nn.Module):
         cell_in = self.bins + 2 * feature_channels
         self.cell_proj = nn.Sequential(nn.LayerNorm(cell_in), nn.Linear(cell_in, hidden_size))
 
-    def _bins(self, image: Tensor) -> Tensor:
-        """``[B, 1, D, H, W]`` -> bin index of every voxel ``[B, V]`` (long)."""
+    def bin_index(self, image: Tensor) -> Tensor:
+        """``[B, 1, D, H, W]`` -> histogram bin of every voxel ``[B, V]`` (long)."""
         return torch.bucketize(image.detach().flatten(1).float().contiguous(), self.edges)
 
     def cell_features(self, image: Tensor, features: Tensor) -> Tensor:
@@ -95,7 +96,7 @@ class VoxelStatistics(nn.Module):
         b = image.shape[0]
         k = self.bins
         with torch.no_grad():
-            index = self.voxel_cell.unsqueeze(0) * k + self._bins(image)
+            index = self.voxel_cell.unsqueeze(0) * k + self.bin_index(image)
             hist = torch.zeros(b, self.num_cells * k, device=image.device)
             hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
             hist = hist.view(b, self.num_cells, k) / float(self.cell[0] * self.cell[1] * self.cell[2])
@@ -121,7 +122,7 @@ class VoxelStatistics(nn.Module):
         histogram reading that scores the organ."""
         k = self.bins
         share = self.cell[0] * self.cell[1] * self.cell[2] / float(self.voxel_cell.numel())
-        volume = cells.new_full((*cells.shape[:-1], 1), float(torch.log(torch.tensor(share + 1e-4))))
+        volume = cells.new_full((*cells.shape[:-1], 1), math.log(share + 1e-4))
         stats = torch.cat([cells[..., :k], volume, cells[..., k:]], dim=-1)
         return self.heads(stats, torch.ones(cells.shape[:-1], dtype=torch.bool, device=cells.device))
 
@@ -142,7 +143,7 @@ class VoxelStatistics(nn.Module):
         k = self.bins
         flat = masks.flatten(2)
         with torch.no_grad():
-            bins = self._bins(image)
+            bins = self.bin_index(image)
             hist = torch.zeros(b, a, k, device=image.device)
             for i in range(a):  # one anatomy at a time: bounded memory
                 hist[:, i].scatter_add_(1, bins, flat[:, i].float())
