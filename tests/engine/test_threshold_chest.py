@@ -1,5 +1,5 @@
-"""The weight-free threshold fallback on real CT: contrast aorta, no lung outside the chest wall,
-no trachea where there is none, contrast blood is not bone, no trachea below the carina.
+"""The weight-free threshold fallback on real CT: contrast and plain aorta, no lung outside the chest
+wall, no trachea where there is none, contrast blood is not bone, no trachea below the carina.
 
 ../shared/realdata holds abdominal CTs (lung bases, no heart); the chest rows are checked on
 the synthetic phantoms only (see benchmarks/segmentation_dice.py for the figures).
@@ -57,6 +57,20 @@ def test_contrast_aorta_is_found_and_not_called_spine(dicom) -> None:
     # before: 63% of the reference aorta was labelled spine and 7% bone (it touches the vertebra)
     assert np.isin(seg[aorta], (SPINE, BONE)).mean() < 0.15
     assert dice(np.isin(seg, (SPINE, BONE)), np.isin(ref, (SPINE, BONE))) > 0.6
+
+
+@pytest.mark.realdata
+def test_plain_aorta_is_found_and_ends_at_the_bifurcation(abdomen) -> None:
+    """example_ct's aorta is unenhanced (median 41 HU): found as a round tube in fat, not the psoas,
+    and not followed into the iliac arteries (TotalSegmentator's aorta ends at the bifurcation)."""
+    vol, ref, pred = abdomen
+    assert np.median(vol.array[ref == AORTA]) < 80  # the premise: no contrast
+    assert dice(pred == AORTA, ref == AORTA) >= 0.75
+    axis = int(np.argmax(np.abs(vol.affine[2, :3])))  # the array axis along the patient's z
+    ref_z = np.nonzero(np.any(ref == AORTA, axis=tuple(a for a in range(3) if a != axis)))[0]
+    pred_z = np.nonzero(np.any(pred == AORTA, axis=tuple(a for a in range(3) if a != axis)))[0]
+    assert pred_z.size and abs(int(pred_z.min()) - int(ref_z.min())) * vol.spacing[axis] <= 10.0
+    assert abs(int(pred_z.max()) - int(ref_z.max())) * vol.spacing[axis] <= 10.0
 
 
 @pytest.mark.realdata
@@ -118,3 +132,45 @@ def test_no_trachea_below_the_carina() -> None:
     assert dice(seg == TRACHEA, above) >= 0.6
     bronchi = ref & ~above
     assert np.isin(seg[bronchi], (0, TRACHEA)).mean() < 0.5  # mostly handed to the lungs (or body walls)
+
+
+def _tube_scene(split_below: int | None = None):
+    """Canonical 3 mm grid in fat: a vertebral column, an unenhanced aorta in front of it and left of
+    the midline, and a larger muscle (psoas-like) farther out; optionally the aorta jumps 18 mm to
+    the right below slice ``split_below`` (a bifurcation)."""
+    nx, ny, nz = 60, 60, 40
+    x, y = np.meshgrid(np.arange(nx) * 3.0, np.arange(ny) * 3.0, indexing="ij")
+    hu = np.full((nx, ny, nz), -100.0)
+    spine2d = np.hypot(x - 90.0, y - 60.0) <= 15.0  # anterior edge at y = 75 mm
+    psoas2d = np.hypot(x - 40.0, y - 55.0) <= 18.0
+    spine = np.repeat(spine2d[:, :, None], nz, axis=2)
+    truth = np.zeros_like(spine)
+    for z in range(nz):
+        cx = 78.0 + (18.0 if split_below is not None and z < split_below else 0.0)
+        truth[:, :, z] = np.hypot(x - cx, y - 90.0) <= 10.0
+    hu[spine] = 400.0
+    hu[np.repeat(psoas2d[:, :, None], nz, axis=2)] = 50.0
+    hu[truth] = 40.0
+    return hu, spine, truth
+
+
+def test_track_tube_follows_a_plain_aorta_not_the_muscle_beside_it() -> None:
+    from napari_ctvlp.engine.segmentation.tubes import AORTA_PLAIN, track_tube
+
+    hu, spine, truth = _tube_scene()
+    found = track_tube(hu, spine, ~spine, (3.0, 3.0, 3.0), AORTA_PLAIN)
+    assert dice(found, truth) >= 0.8
+    assert not (found & (hu == 50.0)).any()  # nothing of the muscle
+    # no tube, only fat around the spine: nothing found
+    hu_none = np.where(spine, hu, -100.0)
+    assert not track_tube(hu_none, spine, ~spine, (3.0, 3.0, 3.0), AORTA_PLAIN).any()
+
+
+def test_track_tube_stops_where_the_tube_divides() -> None:
+    from napari_ctvlp.engine.segmentation.tubes import AORTA_PLAIN, track_tube
+
+    hu, spine, truth = _tube_scene(split_below=15)
+    found = track_tube(hu, spine, ~spine, (3.0, 3.0, 3.0), AORTA_PLAIN)
+    zs = np.nonzero(found.any(axis=(0, 1)))[0]
+    assert zs.max() == hu.shape[2] - 1 and 14 <= zs.min() <= 16  # the straight part only
+    assert dice(found[:, :, 15:], truth[:, :, 15:]) >= 0.8

@@ -1,7 +1,7 @@
 """HU-threshold fallback segmentation (no model weights needed).
 
 A geometric heuristic, not a model: body, lungs (left/right), trachea (and bronchi), bone, spine,
-the contrast-filled descending / abdominal aorta, a mediastinum region and the heart, computed on a
+the descending / abdominal aorta, the esophagus, a mediastinum region and the heart, computed on a
 ~3 mm block-averaged grid in canonical RAS orientation and brought back to the input grid (nearest
 neighbour; the lung border is refined at full resolution). Values are
 :data:`napari_ctvlp.engine.anatomy.ORGAN_LABELS`.
@@ -11,11 +11,13 @@ chest wall); the trachea starts where the lungs are narrow, above their widest l
 gas bubble at the lung bases is bowel or esophagus), and stops at the carina (the bronchi below
 go to their lung); bone has a cortex (contrast-filled heart chambers and vessels away from any
 cortical voxel are not bone); the aorta is a round contrast-blood blob in front of / left of the
-vertebral body followed from slice to slice. Not found: a non-enhanced aorta, an arterial-phase
-aorta brighter than ``cortical_hu`` (it reads as bone), the ascending aorta and arch, the
-esophagus. There is no real chest-CT reference in ``../shared/realdata``; the figures of
-``benchmarks/segmentation_dice.py`` are on abdominal CTs (lung bases, abdominal aorta) and
-synthetic chest phantoms.
+vertebral body followed from slice to slice, or without contrast a round homogeneous soft-tissue
+tube set off by fat or lung in the same place, cut where it divides (:mod:`.tubes`); the esophagus
+is a smaller tube in front of the spine, searched only where both lungs flank the mediastinum.
+Not found: the ascending aorta and the arch, an arterial-phase aorta brighter than
+``cortical_hu`` (it reads as bone). There is no real chest-CT reference in ``../shared/realdata``;
+the figures of ``benchmarks/segmentation_dice.py`` are on abdominal CTs (lung bases, abdominal
+aorta with and without contrast) and synthetic chest phantoms (esophagus, heart).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 from ..anatomy import ORGAN_BY_NAME
 from ..volume import CTVolume, ProgressCallback, report
 from ._grid import block_factors, block_mean, block_upsample, canonical_grid
+from .tubes import AORTA_PLAIN, ESOPHAGUS, find_contrast_aorta, track_tube
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ L_LEFT = ORGAN_BY_NAME["lung_left"].value
 L_RIGHT = ORGAN_BY_NAME["lung_right"].value
 TRACHEA = ORGAN_BY_NAME["trachea"].value
 HEART = ORGAN_BY_NAME["heart"].value
+ESOPHAGUS_LABEL = ORGAN_BY_NAME["esophagus"].value
 AORTA = ORGAN_BY_NAME["aorta"].value
 MEDIASTINUM = ORGAN_BY_NAME["mediastinum"].value
 SPINE = ORGAN_BY_NAME["spine"].value
@@ -281,74 +285,6 @@ def _cortical_core(hu: np.ndarray, p: ThresholdParams) -> np.ndarray:
     return _fill_slices(ndi.binary_closing(cortical, iterations=1) | cortical)
 
 
-def _find_aorta(hu: np.ndarray, body: np.ndarray, bone_core: np.ndarray, spine: np.ndarray, spacing,
-                p: ThresholdParams) -> np.ndarray:
-    """Contrast-filled descending / abdominal aorta: a round blood blob (``blood_hu``) in front of or
-    to the left of the vertebral body, followed from slice to slice (centre moving < 10 mm).
-
-    Needs contrast: without it the aorta's blood is soft tissue by HU and nothing is returned.
-    Canonical axes: +x patient's right, +y anterior, +z superior.
-    """
-    from scipy import ndimage as ndi
-
-    empty = np.zeros(hu.shape, dtype=bool)
-    if not spine.any():
-        return empty
-    sx, sy = float(spacing[0]), float(spacing[1])
-    blood = body & ~bone_core & (hu > p.blood_hu[0]) & (hu < p.blood_hu[1])
-    cortical = hu > p.cortical_hu
-    r = max(1, int(round(p.aorta_min_radius_mm / min(sx, sy) / 2)))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (xx**2 + yy**2) <= r * r
-    x = np.arange(hu.shape[0])[:, None]
-    y = np.arange(hu.shape[1])[None, :]
-    per_slice: list[list[tuple[float, float, np.ndarray]]] = []
-    for z in range(hu.shape[2]):
-        cands: list[tuple[float, float, np.ndarray]] = []
-        sp = spine[:, :, z]
-        if sp.any() and blood[:, :, z].any():
-            spx, spy = np.argwhere(sp).mean(axis=0)
-            front = np.argwhere(sp)[:, 1].max()  # anterior edge of the spine (+y anterior)
-            opened = ndi.binary_opening(blood[:, :, z], structure=disk)
-            lab, n = ndi.label(opened)
-            for i in range(1, n + 1):
-                m = lab == i
-                area = m.sum() * sx * sy
-                if not p.aorta_area_mm2[0] <= area <= p.aorta_area_mm2[1]:
-                    continue
-                radius = ndi.distance_transform_edt(m, sampling=(sx, sy)).max()
-                if radius < p.aorta_min_radius_mm or area > 2.2 * np.pi * radius**2:  # round, not a chamber
-                    continue
-                ring = ndi.binary_dilation(m, iterations=2) & ~m
-                if (cortical[:, :, z][ring]).mean() > 0.25:  # mostly walled in by cortex: marrow
-                    continue
-                cx, cy = float((x * m).sum() / m.sum()), float((y * m).sum() / m.sum())
-                dx_mm, dy_mm = (cx - spx) * sx, (cy - front) * sy
-                if -60.0 <= dx_mm <= 25.0 and -35.0 <= dy_mm <= 45.0:  # left/front of the vertebral body
-                    cands.append((cx, cy, m))
-        per_slice.append(cands)
-    # longest chain of candidates with centres < 10 mm apart in consecutive slices
-    best: list[tuple[int, np.ndarray]] = []
-    chains: list[list[tuple[int, float, float, np.ndarray]]] = []
-    for z, cands in enumerate(per_slice):
-        grown = []
-        for cx, cy, m in cands:
-            prev = [c for c in chains if c[-1][0] == z - 1
-                    and np.hypot((c[-1][1] - cx) * sx, (c[-1][2] - cy) * sy) < 10.0]
-            chain = (max(prev, key=len) if prev else []) + [(z, cx, cy, m)]
-            grown.append(chain)
-        chains = [c for c in chains if c[-1][0] >= z - 1] + grown
-        for c in grown:
-            if len(c) > len(best):
-                best = [(zz, mm) for zz, _, _, mm in c]
-    if len(best) * spacing[2] < p.aorta_min_length_mm:
-        return empty
-    out = np.zeros(hu.shape, dtype=bool)
-    for z, m in best:
-        out[:, :, z] = ndi.binary_dilation(m, structure=disk) & blood[:, :, z]
-    return out
-
-
 def _mediastinum_and_heart(hu, body, lungs, excluded, spine, spacing) -> tuple[np.ndarray, np.ndarray]:
     """Mediastinum: per axial row, the tissue between the left lung's medial edge and the right
     lung's (canonical +x = patient right), anterior to the spine; heart: its largest soft blob."""
@@ -449,7 +385,9 @@ def threshold_labels(
         if hits.max() > 0:
             spine = (bone_lab == hits.argmax()) & near
 
-    aorta = _find_aorta(hu, body, bone_core, spine, spacing, p)
+    aorta = find_contrast_aorta(hu, body, bone_core, spine, spacing, p)
+    if not aorta.any():  # no contrast: the aorta is a round soft-tissue tube in fat / against the lung
+        aorta = track_tube(hu, spine, body & ~bone & ~lung & ~airways, spacing, AORTA_PLAIN)
     bone &= ~aorta
     spine &= ~aorta
 
@@ -464,13 +402,18 @@ def threshold_labels(
     report(progress, 4, total, "threshold: mediastinum and heart")
     excluded = (lung_full > 0) | bone | airways | aorta
     mediastinum, heart = _mediastinum_and_heart(hu, body, lung_full, excluded, spine, spacing)
-    heart &= ~aorta
+    # the esophagus: only at chest levels (lungs beside the mediastinum), never below the hiatus
+    chest = ((lung_full == L_LEFT).any(axis=(0, 1)) & (lung_full == L_RIGHT).any(axis=(0, 1))
+             & ((lung_full > 0).sum(axis=(0, 1)) >= 0.15 * np.maximum(body.sum(axis=(0, 1)), 1)))
+    esophagus = track_tube(hu, spine, body & ~excluded, spacing, ESOPHAGUS, slices=chest)
+    heart &= ~aorta & ~esophagus
 
     labels[bone] = BONE
     labels[spine] = SPINE
     labels[mediastinum] = MEDIASTINUM
     labels[heart] = HEART
     labels[aorta] = AORTA
+    labels[esophagus] = ESOPHAGUS_LABEL
     labels[trachea] = TRACHEA
     labels[lung_full > 0] = lung_full[lung_full > 0]
 
