@@ -234,3 +234,28 @@ def test_dicom_reference_is_reoriented_to_the_series() -> None:
     assert dice(np.isin(seg.labels, (13, 14)), np.isin(ref.labels, (13, 14))) > 0.5
     flipped = ref.labels[:, ::-1, :]
     assert dice(np.isin(seg.labels, (13, 14)), np.isin(flipped, (13, 14))) < 0.3
+
+
+def test_anatomy_centroids_match_scipy_center_of_mass() -> None:
+    from scipy import ndimage
+
+    from napari_ctvlp.engine.anatomy import ANATOMIES
+    from napari_ctvlp.engine.segmentation.stats import anatomy_centroids, label_centroids
+
+    rng = np.random.default_rng(3)
+    values = sorted({v for a in ANATOMIES for v in a.organ_labels})
+    labels = rng.choice(np.asarray([0, *values[:-1]], dtype=np.uint8), size=(9, 13, 11))  # last one absent
+    counts, centres = label_centroids(labels)
+    assert counts.sum() == labels.size
+    for v in values[:-1]:
+        np.testing.assert_allclose(centres[v], ndimage.center_of_mass(labels == v), atol=1e-9)
+    out = anatomy_centroids(labels)
+    assert set(out) == {a.name for a in ANATOMIES}
+    for anatomy in ANATOMIES:
+        mask = np.isin(labels, anatomy.organ_labels)
+        if mask.any():
+            np.testing.assert_allclose(out[anatomy.name], ndimage.center_of_mass(mask), atol=1e-9)
+        else:
+            assert out[anatomy.name] is None
+    with pytest.raises(ValueError, match="0..255"):
+        label_centroids(np.full((2, 2, 2), 300, dtype=np.int16))

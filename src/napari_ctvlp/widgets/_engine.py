@@ -206,13 +206,16 @@ def organ_layer_kwargs(labels: np.ndarray, volume: CTVolume, names: dict[int, st
 
 def anatomy_centroid(labels: np.ndarray, anatomy: str) -> np.ndarray | None:
     """Centre of mass (array indices) of an anatomy's organ labels; None when absent."""
-    from scipy import ndimage
+    from napari_ctvlp.engine.segmentation.stats import anatomy_centroids
 
-    values = ANATOMY_BY_NAME[anatomy].organ_labels if anatomy in ANATOMY_BY_NAME else ()
-    mask = np.isin(labels, values)
-    if not mask.any():
-        return None
-    return np.asarray(ndimage.center_of_mass(mask), dtype=float)
+    return anatomy_centroids(labels).get(anatomy)
+
+
+def result_centroids(result: Any) -> dict[str, np.ndarray | None]:
+    """Centroid of every anatomy of a detection's organ labels (computed once, in the worker)."""
+    from napari_ctvlp.engine.segmentation.stats import anatomy_centroids
+
+    return anatomy_centroids(result_labels(result)[0])
 
 
 # ------------------------------------------------------------------------- choices

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -374,6 +374,7 @@ class DetectWidget(QWidget):
         self._run_info = info
 
         hook = self.progress_hook
+        extras: dict[str, Any] = {}
 
         def work(progress, cancel):
             def report(done: int, total: int, message: str) -> None:
@@ -387,15 +388,17 @@ class DetectWidget(QWidget):
             segmentation = _engine.prepare_segmentation(
                 info["volume"], info["segmentation"], checkpoint=info["checkpoint"], device=info["device"],
                 mask_kind_hint=info["mask_kind"], progress=report)
-            return _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
-                                         segmentation=segmentation, device=info["device"],
-                                         progress=report, cancel=cancel)
+            result = _engine.run_detection(info["volume"], checkpoint=info["checkpoint"],
+                                           segmentation=segmentation, device=info["device"],
+                                           progress=report, cancel=cancel)
+            extras["centroids"] = _engine.result_centroids(result)  # here, not in the GUI thread
+            return result
 
         task: Task | None = None
 
         def done(outcome: Outcome) -> None:
             if task is self.task and not task.cancel_event.is_set():
-                self._detection_done(outcome)
+                self._detection_done(outcome, centroids=extras.get("centroids"))
             # a cancelled run already told the user and freed the widget: its outcome is dropped
 
         task = Task(work, on_done=done, desc="Detecting abnormalities", start=False, on_progress=self._on_progress)
@@ -445,7 +448,7 @@ class DetectWidget(QWidget):
         if busy:
             self.prompt_panel.set_scorer(None)
 
-    def _detection_done(self, outcome: Outcome) -> None:
+    def _detection_done(self, outcome: Outcome, *, centroids: dict[str, Any] | None = None) -> None:
         self._set_busy(False)
         if not outcome.ok:
             level, text = _engine.describe_error(outcome.error)
@@ -455,6 +458,7 @@ class DetectWidget(QWidget):
             return
         self.result = outcome.value
         self._show_result(outcome.seconds)
+        self._centroids = dict(centroids or {})
 
     def _show_result(self, seconds: float) -> None:
         info, result = self._run_info, self.result
@@ -574,8 +578,10 @@ class DetectWidget(QWidget):
             layer = self._put_layer(title, "image", heat.array, kwargs, replace_data=True)
             self._heatmap_layer = layer
         colorbar = getattr(layer, "colorbar", None)  # napari >= 0.6: the legend on the canvas
-        if colorbar is not None:
-            colorbar.visible = True
+        if colorbar is not None and not colorbar.visible:
+            # its first display builds a canvas overlay (~0.15 s): in the next event-loop turn, so
+            # the GUI never freezes for the layer and its legend at once
+            QTimer.singleShot(30, lambda: setattr(colorbar, "visible", True))
         lo, hi = heat.limits
         if getattr(heat, "kind", "attention") == "attribution":
             self.heatmap_legend.setText(

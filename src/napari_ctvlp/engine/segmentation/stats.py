@@ -36,6 +36,47 @@ def _label_counts_and_sums(labels: np.ndarray, hu: np.ndarray, *, chunk_voxels: 
     return counts, sums
 
 
+def label_centroids(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel count ``(256,)`` and centre of mass ``(256, ndim)`` in array indices of every label value.
+
+    One pass in slices (a 200 x 384 x 384 map takes well under a second); the centroid of an absent
+    value is NaN.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("label values must lie in 0..255")
+    counts = np.zeros(256, dtype=np.float64)
+    sums = np.zeros((256, 3), dtype=np.float64)
+    rows = np.repeat(np.arange(labels.shape[1], dtype=np.float64), labels.shape[2])
+    cols = np.tile(np.arange(labels.shape[2], dtype=np.float64), labels.shape[1])
+    for z in range(labels.shape[0]):
+        lab = labels[z].ravel().astype(np.intp, copy=False)
+        n = np.bincount(lab, minlength=256)[:256]
+        counts += n
+        sums[:, 0] += z * n
+        sums[:, 1] += np.bincount(lab, weights=rows, minlength=256)[:256]
+        sums[:, 2] += np.bincount(lab, weights=cols, minlength=256)[:256]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroids = sums / counts[:, None]
+    return counts, centroids
+
+
+def anatomy_centroids(labels: np.ndarray) -> dict[str, np.ndarray | None]:
+    """Centre of mass (array indices) of each anatomy group's organ labels; None when it is absent."""
+    counts, centroids = label_centroids(labels)
+    out: dict[str, np.ndarray | None] = {}
+    for anatomy in ANATOMIES:
+        values = [v for v in anatomy.organ_labels if 0 <= v < 256 and counts[v] > 0]
+        if not values:
+            out[anatomy.name] = None
+            continue
+        w = counts[values]
+        out[anatomy.name] = (centroids[values] * w[:, None]).sum(axis=0) / w.sum()
+    return out
+
+
 def organ_statistics(
     labels: np.ndarray,
     hu: np.ndarray,
