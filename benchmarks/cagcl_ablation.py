@@ -10,7 +10,7 @@ Runs are resumable (an existing finished run is evaluated again, not retrained).
 Usage::
 
     python benchmarks/cagcl_ablation.py --cache CACHE --out runs/ablation --steps 200 --seeds 0 1 \\
-        [--parallel 2] [--set optim.batch_size=16 ...] [--no-mosmos]
+        [--eval-data HELDOUT_CACHE] [--parallel 2] [--set optim.batch_size=16 ...] [--no-mosmos]
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run_cell(variant: str, seed: int, args: argparse.Namespace) -> dict:
         if _run(cmd, log) != 0:
             return {"variant": variant, "seed": seed, "error": f"training failed, see {log}"}
     eval_dir = out / f"{name}_eval"
-    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", str(run / "final"), "--data", args.cache,
+    cmd = [sys.executable, "-m", "training.evaluate", "--checkpoint", str(run / "final"),
+           "--data", args.eval_data or args.cache,
            "--split", args.split, "--out", str(eval_dir)]
     if _run(cmd, log) != 0:
         return {"variant": variant, "seed": seed, "error": f"evaluation failed, see {log}"}
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(REPO / "configs" / "phantom_cpu.yaml"))
     p.add_argument("--steps", type=int, default=200, help="optimiser steps per run (same for every cell)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--eval-data", default=None,
+                   help="prepared cache to evaluate on (default: --cache); e.g. phantoms of an unused seed")
     p.add_argument("--split", default="valid", help="held-out split to evaluate")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (each single-threaded)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
