@@ -174,3 +174,21 @@ def test_track_tube_stops_where_the_tube_divides() -> None:
     zs = np.nonzero(found.any(axis=(0, 1)))[0]
     assert zs.max() == hu.shape[2] - 1 and 14 <= zs.min() <= 16  # the straight part only
     assert dice(found[:, :, 15:], truth[:, :, 15:]) >= 0.8
+
+
+def test_ascending_aorta_above_the_heart_on_a_phantom() -> None:
+    """Phantom seed 3 (no contrast): besides the descending aorta, a tube in front of the spine above
+    the heart, which is the phantom's ascending aorta (not heart, not another vessel)."""
+    from napari_ctvlp.phantom import make_phantom
+
+    ph = make_phantom(seed=3)
+    ref = np.asarray(ph.organs)
+    pred = segment(ph.volume, backend="threshold").labels
+    grid = canonical_grid(ph.volume)
+    ref_c, pred_c = grid.to_canonical(ref), grid.to_canonical(pred)
+    spine_y = np.nonzero((pred_c == SPINE).any(axis=(0, 2)))[0].max()
+    front = np.zeros(pred_c.shape, dtype=bool)
+    front[:, spine_y + int(30.0 / grid.spacing[1]):, :] = True  # >= 30 mm in front of the spine
+    ascending = (pred_c == AORTA) & front
+    assert ascending.sum() * np.prod(grid.spacing) / 1000.0 >= 20.0
+    assert (ref_c[ascending] == AORTA).mean() >= 0.9

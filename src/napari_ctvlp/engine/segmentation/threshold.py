@@ -1,7 +1,7 @@
 """HU-threshold fallback segmentation (no model weights needed).
 
 A geometric heuristic, not a model: body, lungs (left/right), trachea (and bronchi), bone, spine,
-the descending / abdominal aorta, the esophagus, a mediastinum region and the heart, computed on a
+the aorta (ascending, descending, abdominal), the esophagus, a mediastinum region and the heart, computed on a
 ~3 mm block-averaged grid in canonical RAS orientation and brought back to the input grid (nearest
 neighbour; the lung border is refined at full resolution). Values are
 :data:`napari_ctvlp.engine.anatomy.ORGAN_LABELS`.
@@ -12,9 +12,10 @@ gas bubble at the lung bases is bowel or esophagus), and stops at the carina (th
 go to their lung); bone has a cortex (contrast-filled heart chambers and vessels away from any
 cortical voxel are not bone); the aorta is a round contrast-blood blob in front of / left of the
 vertebral body followed from slice to slice, or without contrast a round homogeneous soft-tissue
-tube set off by fat or lung in the same place, cut where it divides (:mod:`.tubes`); the esophagus
-is a smaller tube in front of the spine, searched only where both lungs flank the mediastinum.
-Not found: the ascending aorta and the arch, an arterial-phase aorta brighter than
+tube set off by fat or lung in the same place, cut where it divides (:mod:`.tubes`); the ascending
+aorta is such a tube in front of the spine above the heart; the esophagus is a smaller tube in
+front of the spine, searched only where both lungs flank the mediastinum.
+Not found: the arch (it runs across the axial slices), an arterial-phase aorta brighter than
 ``cortical_hu`` (it reads as bone). There is no real chest-CT reference in ``../shared/realdata``;
 the figures of ``benchmarks/segmentation_dice.py`` are on abdominal CTs (lung bases, abdominal
 aorta with and without contrast) and synthetic chest phantoms (esophagus, heart).
@@ -30,7 +31,14 @@ import numpy as np
 from ..anatomy import ORGAN_BY_NAME
 from ..volume import CTVolume, ProgressCallback, report
 from ._grid import block_factors, block_mean, block_upsample, canonical_grid
-from .tubes import AORTA_PLAIN, ESOPHAGUS, find_contrast_aorta, track_tube
+from .tubes import (
+    AORTA_ASCENDING,
+    AORTA_ASCENDING_CONTRAST,
+    AORTA_PLAIN,
+    ESOPHAGUS,
+    find_contrast_aorta,
+    track_tube,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -407,6 +415,12 @@ def threshold_labels(
              & ((lung_full > 0).sum(axis=(0, 1)) >= 0.15 * np.maximum(body.sum(axis=(0, 1)), 1)))
     esophagus = track_tube(hu, spine, body & ~excluded, spacing, ESOPHAGUS, slices=chest)
     heart &= ~aorta & ~esophagus
+    if aorta.any() and heart.any():  # the ascending aorta: a tube above the heart, in front of the spine
+        contrast = float(np.median(hu[aorta])) > p.blood_hu[0]
+        above = np.arange(hu.shape[2]) > np.nonzero(heart.any(axis=(0, 1)))[0].max()
+        rule = AORTA_ASCENDING_CONTRAST if contrast else AORTA_ASCENDING
+        aorta = aorta | track_tube(hu, spine, body & ~excluded & ~heart & ~esophagus, spacing, rule,
+                                   slices=chest & above)
 
     labels[bone] = BONE
     labels[spine] = SPINE

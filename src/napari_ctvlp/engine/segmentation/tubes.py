@@ -10,6 +10,7 @@ one chain of such disks through consecutive slices that moves smoothly and is lo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,14 @@ class TubeRule:
 AORTA_PLAIN = TubeRule(radii_mm=(8.0, 10.0, 12.0, 14.0, 16.0), inner_hu=(10.0, 100.0), max_inner_std=30.0,
                        dark_hu=-30.0, min_rim_dark=0.2, dx_mm=(-42.0, 5.0), dy_mm=(-12.0, 42.0),
                        max_step_mm=7.0, min_length_mm=30.0, grow_hu=(-10.0, 130.0), max_drift_mm=10.0)
+#: the ascending aorta without contrast: 20-36 mm wide, in front of and right of the spine, searched above
+#: the heart (it leaves the heart upwards, in front of the right pulmonary artery)
+AORTA_ASCENDING = TubeRule(radii_mm=(10.0, 12.0, 14.0, 16.0, 18.0), inner_hu=(10.0, 100.0), max_inner_std=30.0,
+                           dark_hu=-30.0, min_rim_dark=0.2, dx_mm=(-15.0, 45.0), dy_mm=(30.0, 100.0),
+                           max_step_mm=7.0, min_length_mm=30.0, grow_hu=(-10.0, 130.0), max_drift_mm=10.0)
+#: the same with contrast-enhanced blood
+AORTA_ASCENDING_CONTRAST = dataclasses.replace(AORTA_ASCENDING, inner_hu=(120.0, 600.0), max_inner_std=60.0,
+                                               grow_hu=(100.0, 700.0))
 #: the esophagus: soft tissue 12-22 mm wide, often with an air dot, between the airway / left atrium and
 #: the spine, a little left of the midline; only where the lungs flank the mediastinum
 ESOPHAGUS = TubeRule(radii_mm=(6.0, 8.0, 10.0), inner_hu=(-250.0, 90.0), max_inner_std=400.0,
