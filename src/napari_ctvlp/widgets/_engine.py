@@ -424,7 +424,8 @@ def auto_backend() -> str | None:
 _BACKEND_WORDS = {
     "totalsegmentator": "TotalSegmentator (total)",
     "builtin": "the built-in model (phantom-trained: coarse on real CT)",
-    "threshold": "the HU-threshold fallback (coarse: lungs, airways, bone, a heart/mediastinum region, body)",
+    "threshold": ("the HU-threshold fallback (coarse: lungs, airways, bone, aorta, esophagus, "
+                  "a heart/mediastinum region, body)"),
     "file": "your label map",
 }
 
