@@ -113,6 +113,36 @@ def test_detect_adds_aligned_organs_table_and_row_heatmap(ct_viewer, qtbot, tiny
     assert widget.heatmap_legend.isVisibleTo(widget) and "Pleural effusion" in widget.heatmap_legend.text()
 
 
+def test_a_new_detection_hides_the_old_heatmap_and_reuses_its_layer(ct_viewer, qtbot, tiny_checkpoint,
+                                                                    make_detect_widget):
+    """The previous result's heatmap is hidden and emptied (not removed: napari's removal freezes the GUI
+    for a garbage collection); the next row click shows the new result's heatmap in the same layer."""
+    from napari_ctvlp.widgets.detect_widget import HEATMAP_IDLE_NAME
+
+    viewer = ct_viewer
+    ct = viewer.layers["ct"]
+    widget = make_detect_widget(viewer, tiny_checkpoint)
+    _detect(widget, qtbot)
+    table = widget.results_table
+    _click_row(qtbot, table, table.find_row("heart", "Cardiomegaly"))
+    qtbot.waitUntil(lambda: "heatmap: Cardiomegaly" in viewer.layers, timeout=WAIT_MS)
+    layer = viewer.layers["heatmap: Cardiomegaly"]
+    n_layers = len(viewer.layers)
+
+    _detect(widget, qtbot)
+    assert len(viewer.layers) == n_layers and layer in viewer.layers
+    assert not layer.visible and layer.name == HEATMAP_IDLE_NAME and layer.data.size == 1
+    assert not layer.metadata.get("ctvlp_heatmap") and "heatmap: Cardiomegaly" not in viewer.layers
+    assert widget.export_panel is not None and not widget._heatmaps  # nothing stale to export
+
+    _click_row(qtbot, widget.results_table, widget.results_table.find_row("lung", "Pleural effusion"))
+    qtbot.waitUntil(lambda: "heatmap: Pleural effusion" in viewer.layers, timeout=WAIT_MS)
+    assert viewer.layers["heatmap: Pleural effusion"] is layer and layer.visible
+    assert layer.data.shape == ct.data.shape
+    np.testing.assert_allclose(layer.scale, ct.scale)
+    np.testing.assert_allclose(layer.translate, ct.translate)
+
+
 def test_prompt_scores_robustness_and_prompt_heatmap(ct_viewer, qtbot, tiny_checkpoint, make_detect_widget):
     viewer = ct_viewer
     widget = make_detect_widget(viewer, tiny_checkpoint)

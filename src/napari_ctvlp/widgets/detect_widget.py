@@ -50,6 +50,8 @@ _LABELS_KEY = "__labels_layer__"
 #: metadata key marking layers this widget created (never offered as inputs)
 OWN_LAYER_KEY = "ctvlp_widget_layer"
 _GEOMETRY = ("scale", "translate", "rotate", "shear", "affine")
+#: name of our heatmap layer while it waits, hidden, for a row click on a new result
+HEATMAP_IDLE_NAME = "heatmap (click a result row)"
 
 
 def layer_kind_hint(layer: Any) -> str | None:
@@ -462,11 +464,19 @@ class DetectWidget(QWidget):
 
     def _show_result(self, seconds: float) -> None:
         info, result = self._run_info, self.result
+        keep = self._heatmap_layer if self._heatmap_layer in self.viewer.layers else None
         for layer in [lyr for lyr in self.viewer.layers if lyr.metadata.get("ctvlp_heatmap")
-                      and lyr.metadata.get(OWN_LAYER_KEY)]:
-            self.viewer.layers.remove(layer)  # the heatmap of the previous result (ours only)
+                      and lyr.metadata.get(OWN_LAYER_KEY) and lyr is not keep]:
+            self.viewer.layers.remove(layer)  # stray heatmaps of the previous result (ours only)
+        if keep is not None:
+            # the previous result's heatmap: hidden and emptied for reuse, not removed (napari's layer
+            # removal runs a full garbage collection: 0.2-0.4 s of frozen GUI)
+            keep.visible = False
+            keep.metadata = {**keep.metadata, "ctvlp_heatmap": None}
+            keep.data = np.zeros((1,) * keep.ndim, dtype=np.float32)
+            keep.name = HEATMAP_IDLE_NAME
         self._heatmaps = {}
-        self._heatmap_layer = None
+        self._heatmap_layer = keep
         self.heatmap_legend.setVisible(False)
         labels, names = _engine.result_labels(result)
         self._organ_layer = self._put_layer(
@@ -565,6 +575,10 @@ class DetectWidget(QWidget):
         layer = self._heatmap_layer
         title = f"heatmap: {name}"
         if layer is not None and layer in self.viewer.layers:
+            if layer.metadata.get("ctvlp_run") != id(self._run_info):  # reused for another CT: its grid
+                for key, value in self._run_info["geometry"].items():
+                    setattr(layer, key, value)
+                layer.metadata = {**layer.metadata, "ctvlp_run": id(self._run_info)}
             layer.data = self._run_info["display"].to_display(heat.array)
             layer.contrast_limits_range = heat.limits
             layer.contrast_limits = heat.limits
@@ -575,6 +589,7 @@ class DetectWidget(QWidget):
         else:
             if title in self.viewer.layers and not self.viewer.layers[title].metadata.get(OWN_LAYER_KEY):
                 title = f"{title} (ctvlp)"  # never touch a user's layer of that name
+            kwargs["metadata"] = {**kwargs["metadata"], "ctvlp_run": id(self._run_info)}
             layer = self._put_layer(title, "image", heat.array, kwargs, replace_data=True)
             self._heatmap_layer = layer
         colorbar = getattr(layer, "colorbar", None)  # napari >= 0.6: the legend on the canvas
