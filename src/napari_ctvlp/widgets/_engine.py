@@ -204,13 +204,6 @@ def organ_layer_kwargs(labels: np.ndarray, volume: CTVolume, names: dict[int, st
     return kwargs
 
 
-def anatomy_centroid(labels: np.ndarray, anatomy: str) -> np.ndarray | None:
-    """Centre of mass (array indices) of an anatomy's organ labels; None when absent."""
-    from napari_ctvlp.engine.segmentation.stats import anatomy_centroids
-
-    return anatomy_centroids(labels).get(anatomy)
-
-
 def result_centroids(result: Any) -> dict[str, np.ndarray | None]:
     """Centroid of every anatomy of a detection's organ labels (computed once, in the worker)."""
     from napari_ctvlp.engine.segmentation.stats import anatomy_centroids

@@ -459,8 +459,8 @@ class DetectWidget(QWidget):
                 self.prompt_panel.set_scorer(_engine.ResultScorer(self.result))
             return
         self.result = outcome.value
+        self._centroids = dict(centroids or {})  # empty: centre_on computes them
         self._show_result(outcome.seconds)
-        self._centroids = dict(centroids or {})
 
     def _show_result(self, seconds: float) -> None:
         info, result = self._run_info, self.result
@@ -475,6 +475,8 @@ class DetectWidget(QWidget):
             keep.metadata = {**keep.metadata, "ctvlp_heatmap": None}
             keep.data = np.zeros((1,) * keep.ndim, dtype=np.float32)
             keep.name = HEATMAP_IDLE_NAME
+            for key, value in info["geometry"].items():  # on the new CT's grid, like the organ layer
+                setattr(keep, key, value)
         self._heatmaps = {}
         self._heatmap_layer = keep
         self.heatmap_legend.setVisible(False)
@@ -489,7 +491,6 @@ class DetectWidget(QWidget):
         self.calls_notice.setVisible(not has_ops)
         self.prompt_panel.set_scorer(_engine.ResultScorer(result))
         self.organ_panel.set_rows(organ_statistics_rows(self._export_source()))
-        self._centroids = {}
         n = self.results_table.rowCount()
         backend = _engine.backend_name(result)
         self.status_label.setText(f"{n} results in {seconds:.1f} s (segmentation: {backend}). "
@@ -545,10 +546,9 @@ class DetectWidget(QWidget):
 
     def centre_on(self, anatomy: str) -> np.ndarray | None:
         """Move the camera and the slider to the centroid of ``anatomy``; returns world coordinates."""
-        if anatomy not in self._centroids:
-            labels, _ = _engine.result_labels(self.result)
-            self._centroids[anatomy] = _engine.anatomy_centroid(labels, anatomy)
-        centroid = self._centroids[anatomy]
+        if not self._centroids:
+            self._centroids = _engine.result_centroids(self.result)
+        centroid = self._centroids.get(anatomy)
         if centroid is None:
             self.status_label.setText(f"the {anatomy} is not in the organ mask")
             return None
@@ -575,10 +575,6 @@ class DetectWidget(QWidget):
         layer = self._heatmap_layer
         title = f"heatmap: {name}"
         if layer is not None and layer in self.viewer.layers:
-            if layer.metadata.get("ctvlp_run") != id(self._run_info):  # reused for another CT: its grid
-                for key, value in self._run_info["geometry"].items():
-                    setattr(layer, key, value)
-                layer.metadata = {**layer.metadata, "ctvlp_run": id(self._run_info)}
             layer.data = self._run_info["display"].to_display(heat.array)
             layer.contrast_limits_range = heat.limits
             layer.contrast_limits = heat.limits
@@ -589,7 +585,6 @@ class DetectWidget(QWidget):
         else:
             if title in self.viewer.layers and not self.viewer.layers[title].metadata.get(OWN_LAYER_KEY):
                 title = f"{title} (ctvlp)"  # never touch a user's layer of that name
-            kwargs["metadata"] = {**kwargs["metadata"], "ctvlp_run": id(self._run_info)}
             layer = self._put_layer(title, "image", heat.array, kwargs, replace_data=True)
             self._heatmap_layer = layer
         colorbar = getattr(layer, "colorbar", None)  # napari >= 0.6: the legend on the canvas

@@ -89,8 +89,10 @@ def _kernels(r_mm: float, spacing: tuple[float, float]) -> tuple[np.ndarray, np.
 
 
 def _candidates(hu: np.ndarray, z: int, spine2d: np.ndarray, allowed2d: np.ndarray, rule: TubeRule,
-                spacing, top: int = 6) -> list[tuple[float, float, float, float]]:
-    """Best ``(score, cx, cy, r_mm)`` disks of one slice (score: rim darkness)."""
+                spacing, kernels: list[tuple[float, np.ndarray, np.ndarray]], top: int = 6
+                ) -> list[tuple[float, float, float, float]]:
+    """Best ``(score, cx, cy, r_mm)`` disks of one slice (score: rim darkness); ``kernels``:
+    ``(r_mm, disk, rim)`` per radius of the rule (:func:`_kernels`)."""
     from scipy import ndimage as ndi
 
     sx, sy = float(spacing[0]), float(spacing[1])
@@ -103,12 +105,12 @@ def _candidates(hu: np.ndarray, z: int, spine2d: np.ndarray, allowed2d: np.ndarr
     if not window.any():
         return []
     sl = hu[:, :, z].astype(np.float64)
+    sq = sl * sl
     dark = (sl < rule.dark_hu).astype(np.float64)
     out: list[tuple[float, float, float, float]] = []
-    for r in rule.radii_mm:
-        disk, rim = _kernels(r, (sx, sy))
+    for r, disk, rim in kernels:
         mean = ndi.correlate(sl, disk, mode="nearest")
-        std = np.sqrt(np.maximum(ndi.correlate(sl * sl, disk, mode="nearest") - mean * mean, 0.0))
+        std = np.sqrt(np.maximum(ndi.correlate(sq, disk, mode="nearest") - mean * mean, 0.0))
         rim_dark = ndi.correlate(dark, rim, mode="nearest")
         # the whole disk must be allowed tissue (no bone, lung or another tube inside it)
         inside = ndi.correlate((~allowed2d).astype(np.float64), disk, mode="constant") < 0.05
@@ -140,15 +142,12 @@ def _straight_run(nodes: list[tuple[int, float, float, float]], rule: TubeRule, 
         return float(np.hypot((down[i][1] - mx) * sx, (down[i][2] - my) * sy))
 
     runs, run = [], [down[0]]
-    i = 1
-    while i < len(down):
+    for i in range(1, len(down)):
         ref = run[-6:]
         if i + 1 < len(down) and drift(i, ref) > rule.max_drift_mm and drift(i + 1, ref) > rule.max_drift_mm:
             runs.append(run)
-            run = [down[i]]
-        else:
-            run.append(down[i])
-        i += 1
+            run = []
+        run.append(down[i])
     runs.append(run)
     return sorted(max(runs, key=len))
 
@@ -168,7 +167,8 @@ def track_tube(hu: np.ndarray, spine: np.ndarray, allowed: np.ndarray, spacing, 
     nz = hu.shape[2]
     sx, sy = float(spacing[0]), float(spacing[1])
     search = spine.any(axis=(0, 1)) if slices is None else (np.asarray(slices, dtype=bool) & spine.any(axis=(0, 1)))
-    per_slice = [(_candidates(hu, z, spine[:, :, z], allowed[:, :, z], rule, spacing) if search[z] else [])
+    kernels = [(r, *_kernels(r, (sx, sy))) for r in rule.radii_mm]
+    per_slice = [(_candidates(hu, z, spine[:, :, z], allowed[:, :, z], rule, spacing, kernels) if search[z] else [])
                  for z in range(nz)]
     # best chain through the slices: each disk gains its score, a skipped slice (a disk the rules
     # missed) costs GAP_COST, chains start anywhere
