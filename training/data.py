@@ -217,6 +217,7 @@ class CachedCTDataset:
             "anatomy_masks": torch.from_numpy(masks),
             "present": torch.from_numpy(present),
             "texts": texts,
+            "sentences": [list(entry["sentences"].get(a, ())) for a in self.anatomies],
             "report": report or "No report.",
             "labels": torch.from_numpy(labels),
         }
@@ -243,7 +244,8 @@ def make_collate(tokenizer: Any, *, max_length: int = 256,
     * ``text_input_ids``/``text_attention_mask`` ``[T, L]``: the present anatomy texts only;
     * ``text_index`` ``[B, A]`` long: row of each (sample, anatomy) text in those, ``-1`` if absent;
     * ``report_input_ids``/``report_attention_mask`` ``[B, L]``: the whole reports;
-    * ``present_texts`` and ``reports``: the same texts as strings (for sentence pooling).
+    * ``present_texts`` and ``reports``: the same texts as strings (for sentence pooling);
+    * ``anatomy_sentences``: per scan, per anatomy, the un-augmented sentences (sentence contrast).
     """
     import torch
 
@@ -275,6 +277,7 @@ def make_collate(tokenizer: Any, *, max_length: int = 256,
                         max_length=report_max_length or max_length, return_tensors="pt")
         batch["report_input_ids"], batch["report_attention_mask"] = tok["input_ids"], tok["attention_mask"]
         batch["texts"] = [it["texts"] for it in items]
+        batch["anatomy_sentences"] = [it.get("sentences", [[] for _ in it["texts"]]) for it in items]
         batch["present_texts"] = texts  # row i of text_input_ids, as strings (sentence pooling)
         batch["reports"] = [it["report"] for it in items]
         return batch

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "mosmos": True,
         "irc_weight": 1.0,
         "mlr_weight": 1.0,
+        "sentence_weight": 0.0,  # sentence-to-anatomy contrast (training.sentence_loss); 0 = off
     },
     "train": {
         "seed": 0,

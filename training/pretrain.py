@@ -10,7 +10,8 @@ and writes checkpoints; every rank writes its own RNG state.
 
 Loss: ``sum_j L_loc_j + global_weight * L_glo`` (:class:`training.losses.CAGCLLoss`) plus, with
 MOSMOS on, ``irc_weight * IRC + mlr_weight * WAN-BCE`` of the tag decoder. The image side of IRC is
-the normalised mean of the token embeddings.
+the normalised mean of the token embeddings. With ``loss.sentence_weight > 0``, plus that weight
+times the sentence-to-anatomy contrast (:mod:`training.sentence_loss`).
 
 Run folder ``<out>/<name>/``: ``params.json``, ``metrics.jsonl`` (one line per step),
 ``tb/`` (TensorBoard), ``checkpoints/step_XXXXXXX/`` (model checkpoint + exact training state),
@@ -61,10 +62,11 @@ class TrainResult:
 class TrainStep(nn.Module):
     """Everything the losses need from one batch, in one ``forward`` (so DDP sees every parameter)."""
 
-    def __init__(self, model: nn.Module, *, mosmos: bool) -> None:
+    def __init__(self, model: nn.Module, *, mosmos: bool, sentences: bool = False) -> None:
         super().__init__()
         self.model = model
         self.mosmos = mosmos
+        self.sentences = sentences
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         m = self.model
@@ -91,6 +93,12 @@ class TrainStep(nn.Module):
             out["report_emb"] = m.encode_text(batch["reports"]) if sentences else \
                 m.encode_text_tokens(batch["report_input_ids"], batch["report_attention_mask"])
             out["tag_logits"] = m.decode_tags(tokens).logits
+        if self.sentences:
+            from training.sentence_loss import sentence_batch
+
+            held = sentence_batch(batch["anatomy_sentences"], present)
+            out["sentence_batch"] = held
+            out["sentence_emb"] = m.encode_text(list(held.sentences)) if held.sentences else flat[:0]
         return out
 
 
@@ -230,7 +238,8 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
         config = config.replace(gradient_checkpointing=True)
     model = CTVLP(config).to(device)
     mosmos = bool(lp["mosmos"])
-    step_module: nn.Module = TrainStep(model, mosmos=mosmos)
+    sentence_weight = float(lp.get("sentence_weight") or 0.0)
+    step_module: nn.Module = TrainStep(model, mosmos=mosmos, sentences=sentence_weight > 0)
     if dist.distributed:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,
@@ -382,7 +391,7 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
             batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = step_module(batch)
-            f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in out.items()}
+            f32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in out.items()}
             scale = f32["logit_scale"]
             parts = cagcl(f32["image_emb"], f32["text_emb"], f32["present"], logit_scale=scale,
                           rank=dist.rank, world_size=dist.world_size)
@@ -394,6 +403,13 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
                 mlr = multilabel_recognition_loss(f32["tag_logits"], batch["tag_targets"].float())
                 loss = loss + float(lp["irc_weight"]) * irc + float(lp["mlr_weight"]) * mlr
                 logs.update({"loss/irc": float(irc.detach()), "loss/mlr": float(mlr.detach())})
+            if sentence_weight > 0:
+                from training.sentence_loss import sentence_contrastive_loss
+
+                sent = sentence_contrastive_loss(f32["image_emb"], f32["sentence_emb"], f32["sentence_batch"],
+                                                 f32["present"], scale)
+                loss = loss + sentence_weight * sent
+                logs["loss/sentence"] = float(sent.detach())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {step}")
             optimizer.zero_grad(set_to_none=True)

@@ -141,6 +141,10 @@ def test_dataset_items_and_collate(cache: Path) -> None:
     assert bool(((idx >= 0) == present).all())
     assert sorted(idx[present].tolist()) == list(range(int(present.sum())))
     assert batch["report_input_ids"].shape[0] == 3
+    # the sentence contrast gets every sentence, never the augmented subset
+    lung = ANATOMY_NAMES.index("lung")
+    assert batch["anatomy_sentences"][0][lung] == list(lung_sentences)
+    assert [len(row) for row in batch["anatomy_sentences"]] == [a, a, a]
 
 
 def test_tag_targets_come_from_the_report_text_with_negation() -> None:

@@ -174,16 +174,18 @@ def test_killed_resave_of_the_latest_checkpoint_stays_resumable(cache: Path, tmp
 
 def test_hybrid_encoder_with_sentence_pooling_trains_and_resumes_exactly(cache: Path, tmp_path: Path) -> None:
     """The phantom_cpu recipe's parts at tiny size: conv stem, dense features, sentence-pooled texts,
-    image augmentation; a split run equals the straight one."""
+    image augmentation, the sentence contrast; a split run equals the straight one."""
     extra = ("--set", "model.stem=conv", "--set", "model.feature_stride=4",
              "--set", "model.stem_windows=[[-1.0, -0.3], [-0.16, 0.24]]", "--set", "model.text_pooling=sentences",
-             "--set", "data.augment_image=true")
+             "--set", "data.augment_image=true", "--set", "loss.sentence_weight=1.0")
     assert pretrain.main(tiny_argv(cache, tmp_path, "straight", *extra)) == 0
     assert pretrain.main(tiny_argv(cache, tmp_path, "split", *extra, "--stop-after", "2")) == 0
     assert pretrain.main(tiny_argv(cache, tmp_path, "split", *extra, "--resume")) == 0
     straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert len(straight) == 4 and all(np.isfinite(straight))
     np.testing.assert_allclose(split, straight, rtol=1e-6, atol=1e-7)
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss/sentence"]) and r["loss/sentence"] > 0 for r in rows)
     from napari_ctvlp.engine.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(tmp_path / "straight" / "final")

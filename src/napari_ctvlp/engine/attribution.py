@@ -10,7 +10,8 @@ finding's probability):
 
 * histogram: a voxel in bin ``k`` adds ``1 / N`` to that bin's share, so it contributes
   ``g_k / (N * (share_k + floor))`` where ``g_k`` is the gradient of the cosine with respect to the
-  bin's log share and ``N`` the anatomy's voxel count;
+  bin's log share and ``N`` the anatomy's voxel count; with texture statistics, the same for the
+  voxel's bin of each texture filter (a nodule's voxels share a band-pass bin its vessels lack);
 * learned features: gradient x input of the stride-4 features, summed over channels, spread over
   the anatomy's voxels of each stride-4 cell.
 
@@ -89,6 +90,11 @@ def _contributions(model: CTVLP, features: ImageFeatures, direction: torch.Tenso
     count = float(mask.sum())
     bins = stats_module.bin_index(image).view(image.shape[2:])
     hist_part = (g_hist / (count * share))[bins]  # [D, H, W]
+    if stats_module.texture is not None:  # the same per-voxel reading of each texture filter's histogram
+        t0, t1 = k + 1, k + 1 + stats_module.texture_bins
+        weight = g_stats[0, 0, t0:t1] / (count * stats[0, 0, t0:t1].detach().exp())
+        tex_bins = stats_module.texture.bin_index(image)[0]  # [F, V]
+        hist_part = hist_part + weight[tex_bins].sum(0).view(image.shape[2:])
     cell = (g_stage4[0] * stage4[0].detach()).sum(0)  # [D/4, H/4, W/4] gradient x input
     inside = mask[0, 0].float()
     per_cell = torch.nn.functional.avg_pool3d(inside[None, None], STATISTICS_STRIDE)[0, 0] * STATISTICS_STRIDE ** 3

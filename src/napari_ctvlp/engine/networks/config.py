@@ -42,7 +42,8 @@ HISTOGRAM_EDGES: tuple[float, ...] = tuple(
 #: Values of fields that older checkpoints do not store (what those checkpoints were trained with).
 _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any", "stem": "patch",
                                     "feature_stride": 0, "stem_windows": (),
-                                    "text_pooling": "text", "statistics_edges": ()}
+                                    "text_pooling": "text", "statistics_edges": (),
+                                    "texture_statistics": False}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -108,6 +109,9 @@ class CTVLPConfig:
             histogram of voxel-exact intensity statistics that the anatomy pooling and the dense
             features also get (``stem="conv"`` only;
             :class:`~napari_ctvlp.engine.networks.voxel_statistics.VoxelStatistics`). Empty: off.
+        texture_statistics: add histograms of fixed texture filters (band-pass, local spread;
+            :mod:`~napari_ctvlp.engine.networks.texture`) to those statistics (needs
+            ``statistics_edges``).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -136,6 +140,7 @@ class CTVLPConfig:
     feature_stride: int = 0
     stem_windows: tuple[tuple[float, float], ...] = ()
     statistics_edges: tuple[float, ...] = ()
+    texture_statistics: bool = False
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -189,6 +194,10 @@ class CTVLPConfig:
         if edges and self.stem != "conv":
             raise ValueError("CTVLPConfig.statistics_edges needs stem='conv' (the statistics read the stem's stride-4 stage)")
         set_(self, "statistics_edges", edges)
+        if not isinstance(self.texture_statistics, bool):
+            raise ValueError(f"CTVLPConfig.texture_statistics must be true or false, got {self.texture_statistics!r}")
+        if self.texture_statistics and not edges:
+            raise ValueError("CTVLPConfig.texture_statistics needs statistics_edges (they extend the voxel statistics)")
         if self.feature_stride and self.stem != "conv":
             raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
@@ -307,7 +316,7 @@ class CTVLPConfig:
             image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
             mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=0, text_pooling="sentences",
             stem="conv", feature_stride=8, stem_windows=PHANTOM_STEM_WINDOWS,
-            statistics_edges=HISTOGRAM_EDGES,
+            statistics_edges=HISTOGRAM_EDGES, texture_statistics=True,
         )
         return cls(**{**base, **overrides})
 

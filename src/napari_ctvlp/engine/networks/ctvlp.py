@@ -95,7 +95,7 @@ class CTVLP(nn.Module):
             self.statistics: VoxelStatistics | None = VoxelStatistics(
                 edges=config.statistics_edges, feature_channels=self.vit.patch_embed.widths[1],
                 hidden_size=config.hidden_size, embed_dim=config.embed_dim, image_size=config.image_size,
-                cell=config.feature_patch,
+                cell=config.feature_patch, texture=config.texture_statistics,
             )
         else:
             self.statistics = None
@@ -141,18 +141,19 @@ class CTVLP(nn.Module):
         return [f"text.{k}" for k in self.text.frozen_backbone_names()]
 
     # ------------------------------------------------------------------ image side
-    def _image_side(self, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _image_side(self, image: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Any]:
         """ViT (+ dense fusion, + per-cell statistics) -> ``(spatial features, stride-4 stem stage,
-        raw cell statistics)`` (the last two None without ``config.statistics_edges``)."""
+        raw cell statistics, voxel bins)`` (the last three None without ``config.statistics_edges``)."""
         tokens, stages = self.vit.forward_features(image)
-        stage4 = cells = extra = None
+        stage4 = cells = extra = bins = None
         if self.statistics is not None:
             stage4 = stages[1]
-            cells = self.statistics.cell_inputs(image, stage4)
+            bins = self.statistics.voxel_bins(image)
+            cells = self.statistics.cell_inputs(image, stage4, bins=bins)
             extra = self.statistics.cell_proj(cells)
         if self.dense is None:
-            return (tokens if extra is None else tokens + extra), stage4, cells
-        return self.dense(tokens, stages[self._dense_stage], extra=extra), stage4, cells
+            return (tokens if extra is None else tokens + extra), stage4, cells, bins
+        return self.dense(tokens, stages[self._dense_stage], extra=extra), stage4, cells, bins
 
     def encode_image(self, image: Tensor) -> Tensor:
         """Image ``[B, 1, D, H, W]`` (model grid, values in [-1, 1]) -> spatial features ``[B, N, C]``
@@ -174,13 +175,13 @@ class CTVLP(nn.Module):
                 loader); computed here when None.
             return_attention: also return the pooling attention.
         """
-        tokens, stage4, cells = self._image_side(image)
+        tokens, stage4, cells, bins = self._image_side(image)
         if token_masks is None:
             token_masks = self.masks_to_tokens(anatomy_masks)
         stats = direct = None
         if self.statistics is not None:
             self._check_masks(anatomy_masks)
-            stats, direct = self.statistics.anatomy_features(image, stage4, anatomy_masks)
+            stats, direct = self.statistics.anatomy_features(image, stage4, anatomy_masks, bins=bins)
         pooled = self.anatomy_pooling(tokens, token_masks, statistics=stats, direct=direct,
                                       return_attention=return_attention)
         return ImageEmbedding(tokens=tokens, anatomies=pooled, cells=cells, stage4=stage4)

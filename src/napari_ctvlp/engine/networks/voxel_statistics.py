@@ -14,7 +14,11 @@ exactly on the voxel mask:
   of the convolutional stem), so blob-like findings (nodules, calcified plaques) are not averaged
   away;
 
-both mapped by a small MLP to the pooling width and added to the anatomy's attention-pooled
+* with ``texture=True``, the histograms of three fixed texture filters (two band-pass images
+  and the local spread, :mod:`.texture`), which tell nodules, strands, septa and bronchial walls
+  from ground glass and vessels of the same HU;
+
+all mapped by a small MLP to the pooling width and added to the anatomy's attention-pooled
 feature (:class:`~.anatomy_pooling.AnatomyPooling`). The same statistics per feature cell (the
 histogram of the cell's voxels, the mean and maximum of the stride-4 features inside it) are
 added to the dense spatial features, so prompt heatmaps and pixel-tag maps see local HU content
@@ -32,6 +36,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from napari_ctvlp.engine.networks.texture import TextureFilters
 
 __all__ = ["VoxelStatistics", "STATISTICS_STRIDE"]
 
@@ -54,10 +60,11 @@ class VoxelStatistics(nn.Module):
         embed_dim: joint-space width ``E`` (the direct linear path).
         image_size: model input grid ``(D, H, W)``.
         cell: feature cell size in voxels (``CTVLPConfig.feature_patch``); every entry a multiple of 4.
+        texture: add the texture-filter histograms (:class:`.texture.TextureFilters`).
     """
 
     def __init__(self, *, edges: Sequence[float], feature_channels: int, hidden_size: int, embed_dim: int,
-                 image_size: Sequence[int], cell: Sequence[int]) -> None:
+                 image_size: Sequence[int], cell: Sequence[int], texture: bool = False) -> None:
         super().__init__()
         inner = [float(e) for e in edges]
         if not inner or any(b <= a for a, b in zip(inner, inner[1:])):
@@ -74,46 +81,65 @@ class VoxelStatistics(nn.Module):
         zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
         self.register_buffer("voxel_cell", ((zz * grid[1] + yy) * grid[2] + xx).flatten(), persistent=False)
         self.num_cells = grid[0] * grid[1] * grid[2]
-        anatomy_in = self.bins + 1 + 2 * feature_channels
+        self.texture = TextureFilters() if texture else None
+        self.texture_bins = self.texture.bins if self.texture is not None else 0
+        anatomy_in = self.bins + 1 + self.texture_bins + 2 * feature_channels
         self.anatomy_mlp = nn.Sequential(
             nn.LayerNorm(anatomy_in), nn.Linear(anatomy_in, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size),
         )
         self.anatomy_direct = nn.Linear(anatomy_in, embed_dim)
-        cell_in = self.bins + 2 * feature_channels
+        cell_in = self.bins + self.texture_bins + 2 * feature_channels
         self.cell_proj = nn.Sequential(nn.LayerNorm(cell_in), nn.Linear(cell_in, hidden_size))
 
     def bin_index(self, image: Tensor) -> Tensor:
         """``[B, 1, D, H, W]`` -> histogram bin of every voxel ``[B, V]`` (long)."""
         return torch.bucketize(image.detach().flatten(1).float().contiguous(), self.edges)
 
+    def voxel_bins(self, image: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every voxel's HU bin ``[B, V]`` and texture bins ``[B, F, V]`` (None without texture): the
+        fixed part of the statistics, computed once per image and passed to :meth:`cell_inputs` and
+        :meth:`anatomy_inputs` (``bins=``)."""
+        with torch.no_grad():
+            return self.bin_index(image), (self.texture.bin_index(image) if self.texture is not None else None)
+
     def cell_features(self, image: Tensor, features: Tensor) -> Tensor:
         """Per-cell statistics ``[B, N, C]`` (N cells in token order) from the image and the stride-4 features."""
         return self.cell_proj(self.cell_inputs(image, features))
 
-    def cell_inputs(self, image: Tensor, features: Tensor) -> Tensor:
-        """The raw per-cell statistics ``[B, N, bins + 2 S]``: each cell's voxel histogram (log shares),
-        then the mean and the maximum of the stride-4 features ``[B, S, ...]`` inside it."""
-        b = image.shape[0]
-        k = self.bins
+    def cell_inputs(self, image: Tensor, features: Tensor, *, bins: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+        """The raw per-cell statistics ``[B, N, bins + T + 2 S]``: each cell's voxel histogram (log
+        shares), its texture histograms (``T`` bins, log shares; none without ``texture``), then the
+        mean and the maximum of the stride-4 features ``[B, S, ...]`` inside it."""
+        hu_bins, tex_bins = self.voxel_bins(image) if bins is None else bins
         with torch.no_grad():
-            index = self.voxel_cell.unsqueeze(0) * k + self.bin_index(image)
-            hist = torch.zeros(b, self.num_cells * k, device=image.device)
-            hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
-            hist = hist.view(b, self.num_cells, k) / float(self.cell[0] * self.cell[1] * self.cell[2])
-            hist = torch.log(hist + HIST_FLOOR)
+            hist = self._cell_histogram(hu_bins.unsqueeze(1), self.bins)
+            if tex_bins is not None:
+                hist = torch.cat([hist, self._cell_histogram(tex_bins, self.texture_bins)], -1)
         kernel = tuple(c // STATISTICS_STRIDE for c in self.cell)
         mean = F.avg_pool3d(features, kernel).flatten(2).transpose(1, 2)
         peak = F.max_pool3d(features, kernel).flatten(2).transpose(1, 2)
         return torch.cat([hist.to(features.dtype), mean, peak], dim=-1)
 
-    def anatomy_features(self, image: Tensor, features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+    def _cell_histogram(self, bins: Tensor, k: int) -> Tensor:
+        """Voxel bins ``[B, F, V]`` (``F`` maps sharing ``k`` bins) -> per-cell log shares ``[B, N, k]``
+        (each map's voxels counted once per cell: shares of one map sum to 1)."""
+        b = bins.shape[0]
+        hist = torch.zeros(b, self.num_cells * k, device=bins.device)
+        for f in range(bins.shape[1]):
+            index = self.voxel_cell.unsqueeze(0) * k + bins[:, f]
+            hist.scatter_add_(1, index, torch.ones_like(index, dtype=hist.dtype))
+        hist = hist.view(b, self.num_cells, k) / float(self.cell[0] * self.cell[1] * self.cell[2])
+        return torch.log(hist + HIST_FLOOR)
+
+    def anatomy_features(self, image: Tensor, features: Tensor, masks: Tensor, *,
+                         bins: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
         """Per-anatomy statistics from the image, the stride-4 features ``[B, S, ...]`` and the
         anatomy masks ``[B, A, D, H, W]`` on the model grid (zeros for empty masks):
         ``(hidden [B, A, C], direct [B, A, E])``. ``hidden`` (an MLP of the statistics) joins the
         attention-pooled feature; ``direct`` (a linear map of them, histogram rescaled to about
         [-2, 2]) is added to the joint-space embedding before its normalisation, a path along which
         the contrastive loss learns a histogram reading in a few hundred steps."""
-        return self.heads(*self.anatomy_inputs(image, features, masks))
+        return self.heads(*self.anatomy_inputs(image, features, masks, bins=bins))
 
     def cell_anatomy_features(self, cells: Tensor) -> tuple[Tensor, Tensor]:
         """Each feature cell read as a one-cell anatomy: :meth:`cell_inputs` output ``[B, N, F]``
@@ -127,30 +153,39 @@ class VoxelStatistics(nn.Module):
         return self.heads(stats, torch.ones(cells.shape[:-1], dtype=torch.bool, device=cells.device))
 
     def heads(self, stats: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw statistics ``[..., bins + 1 + 2 S]`` (:meth:`anatomy_inputs` layout) and ``present``
+        """Raw statistics ``[..., bins + 1 + T + 2 S]`` (:meth:`anatomy_inputs` layout) and ``present``
         -> ``(hidden [..., C], direct [..., E])``, zero where not present."""
         keep = present.unsqueeze(-1).to(stats.dtype)
-        k = self.bins + 1
+        k = self.bins + 1 + self.texture_bins
         scaled = torch.cat([(stats[..., :k] - LOG_CENTRE) / LOG_SCALE * keep, stats[..., k:]], dim=-1)
         return self.anatomy_mlp(stats) * keep, self.anatomy_direct(scaled) * keep
 
-    def anatomy_inputs(self, image: Tensor, features: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-        """The raw per-anatomy statistics ``[B, A, bins + 1 + 2 S]`` and ``present`` ``[B, A]``: the
-        histogram of the anatomy's voxels (``log(share + HIST_FLOOR)``), ``log(volume share + 1e-4)``, then the mean of
+    def anatomy_inputs(self, image: Tensor, features: Tensor, masks: Tensor, *,
+                       bins: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
+        """The raw per-anatomy statistics ``[B, A, bins + 1 + T + 2 S]`` and ``present`` ``[B, A]``: the
+        histogram of the anatomy's voxels (``log(share + HIST_FLOOR)``), ``log(volume share + 1e-4)``,
+        the texture histograms (``T`` bins, log shares; none without ``texture``), then the mean of
         the stride-4 features weighted by the share of each cell inside the anatomy and their
         maximum over the cells at least half inside (any cell touching it for thin anatomies)."""
         b, a = masks.shape[:2]
         k = self.bins
         flat = masks.flatten(2)
+        hu_bins, tex_bins = self.voxel_bins(image) if bins is None else bins
         with torch.no_grad():
-            bins = self.bin_index(image)
             hist = torch.zeros(b, a, k, device=image.device)
             for i in range(a):  # one anatomy at a time: bounded memory
-                hist[:, i].scatter_add_(1, bins, flat[:, i].float())
+                hist[:, i].scatter_add_(1, hu_bins, flat[:, i].float())
             count = hist.sum(-1, keepdim=True)
             present = count.squeeze(-1) > 0
             hist = torch.log(hist / count.clamp_min(1.0) + HIST_FLOOR) * present.unsqueeze(-1)
             volume = torch.log(count / flat.shape[-1] + 1e-4) * present.unsqueeze(-1)
+            if tex_bins is not None:  # [B, F, V]
+                tex = torch.zeros(b, a, self.texture_bins, device=image.device)
+                for i in range(a):
+                    for f in range(tex_bins.shape[1]):
+                        tex[:, i].scatter_add_(1, tex_bins[:, f], flat[:, i].float())
+                tex = torch.log(tex / count.clamp_min(1.0) + HIST_FLOOR) * present.unsqueeze(-1)
+                volume = torch.cat([volume, tex], dim=-1)
         w = F.avg_pool3d(masks.float(), STATISTICS_STRIDE).flatten(2).to(features.dtype)  # [B, A, M] fractions
         f = features.flatten(2)  # [B, S, M]
         mean = (w @ f.transpose(1, 2)) / w.sum(-1, keepdim=True).clamp_min(1e-6)
