@@ -316,7 +316,7 @@ class CTVLPConfig:
             image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
             mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=0, text_pooling="sentences",
             stem="conv", feature_stride=8, stem_windows=PHANTOM_STEM_WINDOWS,
-            statistics_edges=HISTOGRAM_EDGES, texture_statistics=True,
+            statistics_edges=HISTOGRAM_EDGES,
         )
         return cls(**{**base, **overrides})
 
