@@ -78,7 +78,8 @@ def _contributions(model: CTVLP, features: ImageFeatures, direction: torch.Tenso
         mask = features.voxel["masks"][j].clone()[None, None].to(dev)  # [1, 1, D, H, W]
         stage4 = features.voxel["stage4"].clone()[None].to(dev).requires_grad_(True)
         pooled = features.voxel["pooled"][j].clone().to(dev)
-        stats, present = stats_module.anatomy_inputs(image, stage4, mask)
+        voxel_bins = stats_module.voxel_bins(image)  # the fixed bins: once, for the statistics and the map
+        stats, present = stats_module.anatomy_inputs(image, stage4, mask, bins=voxel_bins)
         hidden, direct = stats_module.heads(stats, present)
         emb = model.anatomy_pooling.embed(pooled[None, None], statistics=hidden, direct=direct)[0, 0]
         cos = (emb * emb_t).sum()
@@ -88,13 +89,12 @@ def _contributions(model: CTVLP, features: ImageFeatures, direction: torch.Tenso
     g_hist = g_stats[0, 0, :k]
     share = stats[0, 0, :k].detach().exp()  # share + floor
     count = float(mask.sum())
-    bins = stats_module.bin_index(image).view(image.shape[2:])
-    hist_part = (g_hist / (count * share))[bins]  # [D, H, W]
-    if stats_module.texture is not None:  # the same per-voxel reading of each texture filter's histogram
+    hu_bins, tex_bins = voxel_bins
+    hist_part = (g_hist / (count * share))[hu_bins.view(image.shape[2:])]  # [D, H, W]
+    if tex_bins is not None:  # the same per-voxel reading of each texture filter's histogram
         t0, t1 = k + 1, k + 1 + stats_module.texture_bins
         weight = g_stats[0, 0, t0:t1] / (count * stats[0, 0, t0:t1].detach().exp())
-        tex_bins = stats_module.texture.bin_index(image)[0]  # [F, V]
-        hist_part = hist_part + weight[tex_bins].sum(0).view(image.shape[2:])
+        hist_part = hist_part + weight[tex_bins[0]].sum(0).view(image.shape[2:])  # tex_bins [1, F, V]
     cell = (g_stage4[0] * stage4[0].detach()).sum(0)  # [D/4, H/4, W/4] gradient x input
     inside = mask[0, 0].float()
     per_cell = torch.nn.functional.avg_pool3d(inside[None, None], STATISTICS_STRIDE)[0, 0] * STATISTICS_STRIDE ** 3

@@ -131,6 +131,18 @@ class VoxelStatistics(nn.Module):
         hist = hist.view(b, self.num_cells, k) / float(self.cell[0] * self.cell[1] * self.cell[2])
         return torch.log(hist + HIST_FLOOR)
 
+    @staticmethod
+    def _anatomy_histogram(bins: Tensor, k: int, flat: Tensor) -> Tensor:
+        """Voxel bins ``[B, F, V]`` (``F`` maps sharing ``k`` bins) and masks ``[B, A, V]`` -> voxel
+        counts ``[B, A, k]`` per anatomy (each map's voxels counted once)."""
+        b, a = flat.shape[:2]
+        hist = torch.zeros(b, a, k, device=bins.device)
+        for i in range(a):  # one anatomy at a time: bounded memory
+            weight = flat[:, i].float()
+            for f in range(bins.shape[1]):
+                hist[:, i].scatter_add_(1, bins[:, f], weight)
+        return hist
+
     def anatomy_features(self, image: Tensor, features: Tensor, masks: Tensor, *,
                          bins: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
         """Per-anatomy statistics from the image, the stride-4 features ``[B, S, ...]`` and the
@@ -167,23 +179,17 @@ class VoxelStatistics(nn.Module):
         the texture histograms (``T`` bins, log shares; none without ``texture``), then the mean of
         the stride-4 features weighted by the share of each cell inside the anatomy and their
         maximum over the cells at least half inside (any cell touching it for thin anatomies)."""
-        b, a = masks.shape[:2]
         k = self.bins
         flat = masks.flatten(2)
         hu_bins, tex_bins = self.voxel_bins(image) if bins is None else bins
         with torch.no_grad():
-            hist = torch.zeros(b, a, k, device=image.device)
-            for i in range(a):  # one anatomy at a time: bounded memory
-                hist[:, i].scatter_add_(1, hu_bins, flat[:, i].float())
+            hist = self._anatomy_histogram(hu_bins.unsqueeze(1), k, flat)
             count = hist.sum(-1, keepdim=True)
             present = count.squeeze(-1) > 0
             hist = torch.log(hist / count.clamp_min(1.0) + HIST_FLOOR) * present.unsqueeze(-1)
             volume = torch.log(count / flat.shape[-1] + 1e-4) * present.unsqueeze(-1)
             if tex_bins is not None:  # [B, F, V]
-                tex = torch.zeros(b, a, self.texture_bins, device=image.device)
-                for i in range(a):
-                    for f in range(tex_bins.shape[1]):
-                        tex[:, i].scatter_add_(1, tex_bins[:, f], flat[:, i].float())
+                tex = self._anatomy_histogram(tex_bins, self.texture_bins, flat)
                 tex = torch.log(tex / count.clamp_min(1.0) + HIST_FLOOR) * present.unsqueeze(-1)
                 volume = torch.cat([volume, tex], dim=-1)
         w = F.avg_pool3d(masks.float(), STATISTICS_STRIDE).flatten(2).to(features.dtype)  # [B, A, M] fractions
