@@ -127,7 +127,7 @@ def param_groups(model: nn.Module, weight_decay: float, *, text_lr: float | None
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        kind = "no_decay" if p.ndim < 2 or "pos_embed" in name else "decay"
+        kind = "no_decay" if p.ndim < 2 or name.endswith(".bias") or "pos_embed" in name else "decay"
         if pretrained_text and name.startswith("text.backbone."):
             kind = "text_" + kind
         groups[kind].append(p)

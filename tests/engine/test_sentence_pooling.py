@@ -68,3 +68,27 @@ def test_frozen_minilm_caches_sentences_exactly(monkeypatch: pytest.MonkeyPatch)
     enc.eval()
     with torch.no_grad():
         torch.testing.assert_close(enc.encode(texts), first.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_an_mlp_head_maps_every_sentence_before_the_mean() -> None:
+    torch.manual_seed(0)
+    m = CTVLP(CTVLPConfig.tiny(text_pooling="sentences", text_head="mlp")).eval()
+    enc = m.text
+    assert isinstance(enc.projection, torch.nn.Sequential)
+    with pytest.raises(ValueError, match="text_head"):
+        CTVLPConfig.tiny(text_head="deep")
+    d = CTVLPConfig.tiny().to_dict()
+    d.pop("text_head")  # an old checkpoint: a linear head
+    assert CTVLPConfig.from_dict(d, strict=True).text_head == "linear"
+    sentences = ["There is consolidation.", "No effusion."]
+    with torch.no_grad():
+        got = m.encode_text([" ".join(sentences)])[0]
+        batch = enc.tokenize(sentences)
+        feats = enc._pooled(batch["input_ids"], batch["attention_mask"])
+        per_sentence = torch.nn.functional.normalize(enc.projection(feats).mean(0), dim=-1)
+        of_the_mean = torch.nn.functional.normalize(enc.projection(feats.mean(0)), dim=-1)
+    torch.testing.assert_close(got, per_sentence, rtol=1e-5, atol=1e-6)
+    assert (got - of_the_mean).abs().max() > 1e-4  # nonlinear: not the head of the mean
+    m.train()  # and the head trains
+    m.encode_text([" ".join(sentences)]).sum().backward()
+    assert enc.projection[0].weight.grad is not None and enc.projection[0].weight.grad.abs().sum() > 0

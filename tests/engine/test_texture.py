@@ -52,8 +52,8 @@ def test_texture_statistics_extend_the_statistics_and_need_them() -> None:
         CTVLPConfig.tiny(texture_statistics=True)
     with pytest.raises(ValueError, match="true or false"):
         CTVLPConfig.tiny(stem="conv", statistics_edges=(0.0,), texture_statistics=1)
-    assert CTVLPConfig.phantom_cpu().texture_statistics is False  # the shipped recipe; opt in
-    assert CTVLPConfig.phantom_cpu(texture_statistics=True).texture_statistics is True
+    assert CTVLPConfig.phantom_cpu().texture_statistics is True  # the shipped recipe
+    assert CTVLPConfig.phantom_cpu(texture_statistics=False).texture_statistics is False
     torch.manual_seed(0)
     kw = dict(stem="conv", feature_stride=8, statistics_edges=(-0.5, 0.0, 0.5), anatomies=("lung", "heart"))
     plain, tex = CTVLP(CTVLPConfig.tiny(**kw)).eval(), CTVLP(CTVLPConfig.tiny(**kw, texture_statistics=True)).eval()

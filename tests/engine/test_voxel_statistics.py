@@ -143,3 +143,44 @@ def test_a_token_embedding_is_the_embedding_of_a_one_cell_anatomy():
         plain = model.token_embeddings(embedded.tokens)
     torch.testing.assert_close(cells[0, 22], embedded.anatomies.embeddings[0, 0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain[0, 22], cells[0, 22])
+
+
+def test_per_anatomy_heads_read_each_anatomy_and_each_token_by_its_own_head():
+    cfg = CTVLPConfig.tiny(image_size=(16, 32, 32), patch_size=(8, 16, 16), stem="conv", feature_stride=8,
+                           statistics_edges=(-0.5, 0.0, 0.5), anatomies=("lung", "heart", "body"),
+                           token_weighting="fraction", statistics_heads="anatomy")
+    with pytest.raises(ValueError, match="statistics_heads"):
+        CTVLPConfig.tiny(statistics_heads="organ")
+    d = cfg.to_dict()
+    d.pop("statistics_heads")  # an old checkpoint: one shared head
+    assert CTVLPConfig.from_dict(d, strict=True).statistics_heads == "shared"
+    torch.manual_seed(2)
+    model = CTVLP(cfg).eval()
+    assert model.statistics.per_anatomy and model.statistics.anatomy_direct.weight.shape[0] == 3
+    image = torch.rand(1, 1, 16, 32, 32) * 2 - 1
+    masks = torch.zeros(1, 3, 16, 32, 32, dtype=torch.bool)
+    masks[0, 0, 8:16, 8:16, 16:24] = True  # lung: exactly dense cell 22
+    masks[0, 1, :8, :8, :8] = True  # heart: exactly dense cell 0
+    masks[0, 2] = True  # body: everything
+    with torch.no_grad():
+        embedded = model.embed_image(image, masks)
+        token_masks = model.masks_to_tokens(masks)
+        where = model.token_anatomy(token_masks)
+        cells = model.token_embeddings(embedded.tokens, cells=embedded.cells, token_masks=token_masks)
+        as_body = model.token_embeddings(embedded.tokens, cells=embedded.cells)
+    assert where[0, 22] == 0 and where[0, 0] == 1 and where[0, 5] == 2  # the smallest anatomy holding it
+    outside = torch.zeros(1, 3, 4)
+    outside[0, 0, 1] = 0.2
+    assert model.token_anatomy(outside).tolist() == [[2, 0, 2, 2]]  # mostly-in, else the last (body)
+    emb = embedded.anatomies.embeddings[0]
+    torch.testing.assert_close(cells[0, 22], emb[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cells[0, 0], emb[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(as_body[0, 22], cells[0, 22])  # read by the body's head instead
+    torch.testing.assert_close(as_body[0, 5], cells[0, 5])
+    # the heads differ: the same statistics through the lung and the heart head
+    stats = torch.randn(2, model.statistics.anatomy_direct.weight.shape[1])
+    present = torch.ones(2, dtype=torch.bool)
+    lung, heart = (model.statistics.heads(stats, present, anatomy=j)[1] for j in (0, 1))
+    assert not torch.allclose(lung, heart)
+    with pytest.raises(ValueError, match="one row per anatomy"):
+        model.statistics.heads(stats, present)

@@ -80,7 +80,7 @@ def _contributions(model: CTVLP, features: ImageFeatures, direction: torch.Tenso
         pooled = features.voxel["pooled"][j].clone().to(dev)
         voxel_bins = stats_module.voxel_bins(image)  # the fixed bins: once, for the statistics and the map
         stats, present = stats_module.anatomy_inputs(image, stage4, mask, bins=voxel_bins)
-        hidden, direct = stats_module.heads(stats, present)
+        hidden, direct = stats_module.heads(stats, present, anatomy=j)
         emb = model.anatomy_pooling.embed(pooled[None, None], statistics=hidden, direct=direct)[0, 0]
         cos = (emb * emb_t).sum()
         # gradients of the two inputs only: the model's parameters get no .grad

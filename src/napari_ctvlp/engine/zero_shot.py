@@ -223,7 +223,7 @@ def encode_volume(
         timings["image_encoder"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         report(progress, 2, 3, "token embeddings and tags")
-        tok_emb = model.token_embeddings(tokens, cells=embedded.cells)[0].float()
+        tok_emb = model.token_embeddings(tokens, cells=embedded.cells, token_masks=token_masks)[0].float()
         tags = model.decode_tags(tokens)
         scale = float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
         timings["pooling_tags"] = time.perf_counter() - t2

@@ -43,7 +43,8 @@ HISTOGRAM_EDGES: tuple[float, ...] = tuple(
 _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting": "any", "stem": "patch",
                                     "feature_stride": 0, "stem_windows": (),
                                     "text_pooling": "text", "statistics_edges": (),
-                                    "texture_statistics": False}
+                                    "texture_statistics": False, "statistics_heads": "shared",
+                                    "text_head": "linear"}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -84,6 +85,9 @@ class CTVLPConfig:
             on its own, a text = the mean of its sentences; with a wholly frozen backbone the
             sentence features are cached, which makes CPU training affordable). See
             :class:`~napari_ctvlp.engine.networks.text_encoder.TextEncoder`.
+        text_head: ``"linear"`` or ``"mlp"``: the text head into the joint space; with
+            ``text_pooling="sentences"`` it maps every sentence before the mean (an MLP reads a
+            negated finding apart from the finding).
         anatomies: anatomy groups pooled by the model, in query order (names of
             :data:`napari_ctvlp.engine.anatomy.ANATOMIES`).
         tags: MOSMOS tag vocabulary decoded by the tag decoder.
@@ -112,6 +116,10 @@ class CTVLPConfig:
         texture_statistics: add histograms of fixed texture filters (band-pass, local spread;
             :mod:`~napari_ctvlp.engine.networks.texture`) to those statistics (needs
             ``statistics_edges``).
+        statistics_heads: how the statistics reach the joint space directly: ``"shared"`` (one
+            linear map for every anatomy) or ``"anatomy"`` (one per anatomy: a lung histogram is
+            read as lung, a heart histogram as heart; feature cells use the head of the anatomy
+            they lie in).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -130,6 +138,7 @@ class CTVLPConfig:
     text_trainable_layers: int = 2
     text_max_length: int = 256
     text_pooling: str = "text"
+    text_head: str = "linear"
     anatomies: tuple[str, ...] = ANATOMY_NAMES
     tags: tuple[str, ...] = field(default=DEFAULT_TAGS)
     tag_decoder_layers: int = 2
@@ -141,6 +150,7 @@ class CTVLPConfig:
     stem_windows: tuple[tuple[float, float], ...] = ()
     statistics_edges: tuple[float, ...] = ()
     texture_statistics: bool = False
+    statistics_heads: str = "shared"
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -168,6 +178,8 @@ class CTVLPConfig:
             raise ValueError(f"CTVLPConfig.token_weighting must be 'fraction' or 'any', got {self.token_weighting!r}")
         if self.tag_context not in ("text", "decoder"):
             raise ValueError(f"CTVLPConfig.tag_context must be 'text' or 'decoder', got {self.tag_context!r}")
+        if self.text_head not in ("linear", "mlp"):
+            raise ValueError(f"CTVLPConfig.text_head must be 'linear' or 'mlp', got {self.text_head!r}")
         if self.text_pooling not in ("text", "sentences"):
             raise ValueError(f"CTVLPConfig.text_pooling must be 'text' or 'sentences', got {self.text_pooling!r}")
         if self.stem not in ("patch", "conv"):
@@ -198,6 +210,8 @@ class CTVLPConfig:
             raise ValueError(f"CTVLPConfig.texture_statistics must be true or false, got {self.texture_statistics!r}")
         if self.texture_statistics and not edges:
             raise ValueError("CTVLPConfig.texture_statistics needs statistics_edges (they extend the voxel statistics)")
+        if self.statistics_heads not in ("shared", "anatomy"):
+            raise ValueError(f"CTVLPConfig.statistics_heads must be 'shared' or 'anatomy', got {self.statistics_heads!r}")
         if self.feature_stride and self.stem != "conv":
             raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:
@@ -315,6 +329,7 @@ class CTVLPConfig:
         base: dict[str, Any] = dict(
             image_size=(64, 96, 96), patch_size=(8, 16, 16), hidden_size=192, depth=4, num_heads=4,
             mlp_dim=384, embed_dim=128, text_encoder="minilm", text_trainable_layers=0, text_pooling="sentences",
+            text_head="mlp", statistics_heads="anatomy", texture_statistics=True,
             stem="conv", feature_stride=8, stem_windows=PHANTOM_STEM_WINDOWS,
             statistics_edges=HISTOGRAM_EDGES,
         )

@@ -96,13 +96,14 @@ class CTVLP(nn.Module):
                 edges=config.statistics_edges, feature_channels=self.vit.patch_embed.widths[1],
                 hidden_size=config.hidden_size, embed_dim=config.embed_dim, image_size=config.image_size,
                 cell=config.feature_patch, texture=config.texture_statistics,
+                num_anatomies=len(config.anatomies) if config.statistics_heads == "anatomy" else 0,
             )
         else:
             self.statistics = None
         self.text = TextEncoder(
             config.text_encoder, embed_dim=config.embed_dim, random_init=config.text_random_init,
             trainable_layers=config.text_trainable_layers, max_length=config.text_max_length,
-            allow_download=allow_download, pooling=config.text_pooling,
+            allow_download=allow_download, pooling=config.text_pooling, head=config.text_head,
         )
         self.anatomy_pooling = AnatomyPooling(
             len(config.anatomies), config.hidden_size, config.embed_dim, num_heads=config.num_heads
@@ -219,17 +220,40 @@ class CTVLP(nn.Module):
             raise ValueError("this model pools voxel statistics with the tokens: call embed_image(image, anatomy_masks)")
         return self.anatomy_pooling(tokens, token_masks, return_attention=return_attention)
 
-    def token_embeddings(self, tokens: Tensor, *, cells: Tensor | None = None) -> Tensor:
+    def token_embeddings(self, tokens: Tensor, *, cells: Tensor | None = None,
+                         token_masks: Tensor | None = None) -> Tensor:
         """Per-token joint-space embeddings ``[B, N, E]`` (L2-normalised) for prompt heatmaps.
 
         With ``cells`` (:attr:`ImageEmbedding.cells` of a model with voxel statistics) each token
         is embedded as a one-cell anatomy, its statistics read by the anatomies' heads; without,
         through the pooling value path only (what the MOSMOS image-report term averages in training).
+        With per-anatomy statistics heads (``config.statistics_heads="anatomy"``) a token is read
+        by the head of the anatomy it lies in (:meth:`token_anatomy` of ``token_masks``; the last
+        anatomy, the body, where none is given).
         """
         if cells is None or self.statistics is None:
             return self.anatomy_pooling.project_tokens(tokens)
-        hidden, direct = self.statistics.cell_anatomy_features(cells)
+        anatomy = None
+        if self.statistics.per_anatomy:
+            if token_masks is None:
+                anatomy = len(self.config.anatomies) - 1
+            else:
+                anatomy = self.token_anatomy(token_masks)
+        hidden, direct = self.statistics.cell_anatomy_features(cells, anatomy=anatomy)
         return self.anatomy_pooling.project_tokens(tokens, statistics=hidden, direct=direct)
+
+    @staticmethod
+    def token_anatomy(token_masks: Tensor) -> Tensor:
+        """The anatomy each token lies in, ``[B, N]`` (long) from token masks ``[B, A, N]``: the
+        smallest anatomy (fewest tokens) that holds at least half of the token, else the anatomy
+        holding most of it, else (no anatomy touches it) the last anatomy (the body); a lung token
+        is read as lung, not as body, a heart token as heart, not as mediastinum."""
+        w = token_masks.float()
+        size = w.sum(-1, keepdim=True)  # [B, A, 1]
+        inside = w >= 0.5
+        best_small = torch.where(inside, -size, torch.full_like(w, float("-inf"))).argmax(1)
+        touched = torch.where(w.amax(1) > 0, w.argmax(1), torch.full_like(best_small, w.shape[1] - 1))
+        return torch.where(inside.any(1), best_small, touched)
 
     def forward(self, image: Tensor, anatomy_masks: Tensor, *, return_attention: bool = False) -> AnatomyEmbeddings:
         """Image ``[B, 1, D, H, W]`` + anatomy masks ``[B, A, D, H, W]`` -> :class:`AnatomyEmbeddings`."""

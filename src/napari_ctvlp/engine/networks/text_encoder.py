@@ -19,11 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextEncoder", "resolve_text_encoder", "split_sentences", "MINILM_INSTALL_HINT", "TEXT_POOLINGS"]
+__all__ = ["TextEncoder", "resolve_text_encoder", "split_sentences", "MINILM_INSTALL_HINT", "TEXT_POOLINGS",
+           "TEXT_HEADS"]
 
 #: ``"text"``: each text is one sequence; ``"sentences"``: each sentence is encoded on its own and
 #: a text is the mean of its sentences (see :class:`TextEncoder`).
 TEXT_POOLINGS = ("text", "sentences")
+#: Heads from the backbone's pooled features to the joint space (see :class:`TextEncoder`).
+TEXT_HEADS = ("linear", "mlp")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 #: Largest number of cached sentence features of a frozen backbone (about 1.5 KB each at width 384).
@@ -131,6 +134,10 @@ class TextEncoder(nn.Module):
             is wholly frozen (``trainable_layers=0``) each distinct sentence's features are
             computed once and cached (exactly: frozen weights, dropout off), so a training step
             encodes only the sentences it has not seen. Sentence order then does not matter.
+        head: ``"linear"`` (one linear projection) or ``"mlp"`` (a two-layer MLP). With sentence
+            pooling the head maps every sentence before the mean, so an MLP can read a negated
+            finding ("No consolidation is seen.") apart from its finding, which a linear map of
+            mean-pooled features cannot: there a negation shifts every finding the same way.
     """
 
     def __init__(
@@ -143,8 +150,12 @@ class TextEncoder(nn.Module):
         max_length: int = 64,
         allow_download: bool = False,
         pooling: str = "text",
+        head: str = "linear",
     ) -> None:
         super().__init__()
+        if head not in TEXT_HEADS:
+            raise ValueError(f"head must be one of {TEXT_HEADS}, got {head!r}")
+        self.head = head
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.pooling = pooling
@@ -177,9 +188,14 @@ class TextEncoder(nn.Module):
         cfg = self.backbone.config
         self.width = int(cfg.hidden_size)
         self.num_layers = int(cfg.num_hidden_layers)
-        self.projection = nn.Linear(self.width, embed_dim)
-        nn.init.normal_(self.projection.weight, std=self.width**-0.5)
-        nn.init.zeros_(self.projection.bias)
+        if head == "mlp":
+            self.projection: nn.Module = nn.Sequential(
+                nn.Linear(self.width, 4 * embed_dim), nn.GELU(), nn.Linear(4 * embed_dim, embed_dim)
+            )
+        else:
+            self.projection = nn.Linear(self.width, embed_dim)
+            nn.init.normal_(self.projection.weight, std=self.width**-0.5)
+            nn.init.zeros_(self.projection.bias)
         self.trainable_layers = trainable_layers if random_init is None else -1
         self._freeze()
 
@@ -303,7 +319,7 @@ class TextEncoder(nn.Module):
             if not texts:
                 raise ValueError("texts is empty: nothing to encode")
             return self.encode_sentence_groups([split_sentences(t) or [t] for t in texts])
-        batch = self.tokenize(texts, device=self.projection.weight.device)
+        batch = self.tokenize(texts, device=self._head_param().device)
         return self(batch["input_ids"], batch["attention_mask"])
 
     # ------------------------------------------------------------------ sentence pooling
@@ -317,7 +333,7 @@ class TextEncoder(nn.Module):
 
     def _pooled_texts(self, texts: list[str], *, chunk: int = 256) -> Tensor:
         """Mean-pooled backbone features ``[T, width]`` of ``texts``, tokenized ``chunk`` at a time."""
-        device = self.projection.weight.device
+        device = self._head_param().device
         out = []
         for i in range(0, len(texts), chunk):
             batch = self.tokenize(texts[i:i + chunk], device=device)
@@ -326,7 +342,7 @@ class TextEncoder(nn.Module):
 
     def _sentence_features(self, sentences: list[str]) -> Tensor:
         """Distinct ``sentences`` -> mean-pooled backbone features ``[S, width]`` (cached when frozen)."""
-        device = self.projection.weight.device
+        device = self._head_param().device
         if not self.backbone_frozen():
             return self._pooled_texts(sentences)
         cache = self._sentence_cache
@@ -345,14 +361,17 @@ class TextEncoder(nn.Module):
 
     def encode_sentence_groups(self, groups: Sequence[Sequence[str]]) -> Tensor:
         """Lists of sentences -> L2-normalised embeddings ``[G, E]``: each group is the mean of its
-        sentences' pooled backbone features, projected into the joint space."""
+        sentences' projected features (the head maps every distinct sentence once)."""
         if not groups or any(not g for g in groups):
             raise ValueError("every text needs at least one sentence")
         distinct = list(dict.fromkeys(s for g in groups for s in g))
         row = {s: i for i, s in enumerate(distinct)}
-        feats = self._sentence_features(distinct)
+        feats = self.projection(self._sentence_features(distinct).to(self._head_param().dtype))  # [S, E]
         index = torch.tensor([row[s] for g in groups for s in g], device=feats.device)
         owner = torch.repeat_interleave(torch.tensor([len(g) for g in groups], device=feats.device))
         sums = feats.new_zeros((len(groups), feats.shape[-1])).index_add(0, owner, feats[index])
         mean = sums / torch.tensor([len(g) for g in groups], device=feats.device, dtype=feats.dtype).unsqueeze(-1)
-        return F.normalize(self.projection(mean.to(self.projection.weight.dtype)), dim=-1)
+        return F.normalize(mean, dim=-1)
+
+    def _head_param(self) -> Tensor:
+        return next(self.projection.parameters())

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from napari_ctvlp.engine.networks.texture import TextureFilters
 
-__all__ = ["VoxelStatistics", "STATISTICS_STRIDE"]
+__all__ = ["AnatomyLinear", "VoxelStatistics", "STATISTICS_STRIDE"]
 
 #: stride of the learned feature map the statistics read (the second convolutional stem stage).
 STATISTICS_STRIDE = 4
@@ -48,6 +48,28 @@ STATISTICS_STRIDE = 4
 HIST_FLOOR = 1e-4
 #: the direct path reads log shares as ``(log - LOG_CENTRE) / LOG_SCALE`` (``log(1e-4)`` -> -2, ``log(1)`` -> 2).
 LOG_CENTRE, LOG_SCALE = -4.6, 2.3
+
+
+class AnatomyLinear(nn.Module):
+    """One linear map per anatomy: ``[..., A, F] -> [..., A, E]``, or every row through the map of
+    one anatomy (``anatomy=j``), or each row through the map of its own anatomy (``anatomy`` a
+    long tensor of the leading shape). Initialised as :class:`torch.nn.Linear` is."""
+
+    def __init__(self, num_anatomies: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        bound = in_features ** -0.5
+        self.weight = nn.Parameter(torch.empty(num_anatomies, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num_anatomies, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor, *, anatomy: int | Tensor | None = None) -> Tensor:
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if anatomy is None:
+            if x.shape[-2] != w.shape[0]:
+                raise ValueError(f"expected [..., {w.shape[0]}, F] inputs (one row per anatomy), got {tuple(x.shape)}")
+            return torch.einsum("...af,afe->...ae", x, w) + b
+        if isinstance(anatomy, int):
+            return x @ w[anatomy] + b[anatomy]
+        return torch.einsum("...f,...fe->...e", x, w[anatomy]) + b[anatomy]
 
 
 class VoxelStatistics(nn.Module):
@@ -61,10 +83,13 @@ class VoxelStatistics(nn.Module):
         image_size: model input grid ``(D, H, W)``.
         cell: feature cell size in voxels (``CTVLPConfig.feature_patch``); every entry a multiple of 4.
         texture: add the texture-filter histograms (:class:`.texture.TextureFilters`).
+        num_anatomies: ``0``: one direct linear map for every anatomy; ``A``: one per anatomy
+            (:class:`AnatomyLinear`; :meth:`heads` then needs to know the anatomy of each row).
     """
 
     def __init__(self, *, edges: Sequence[float], feature_channels: int, hidden_size: int, embed_dim: int,
-                 image_size: Sequence[int], cell: Sequence[int], texture: bool = False) -> None:
+                 image_size: Sequence[int], cell: Sequence[int], texture: bool = False,
+                 num_anatomies: int = 0) -> None:
         super().__init__()
         inner = [float(e) for e in edges]
         if not inner or any(b <= a for a, b in zip(inner, inner[1:])):
@@ -87,7 +112,9 @@ class VoxelStatistics(nn.Module):
         self.anatomy_mlp = nn.Sequential(
             nn.LayerNorm(anatomy_in), nn.Linear(anatomy_in, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size),
         )
-        self.anatomy_direct = nn.Linear(anatomy_in, embed_dim)
+        self.anatomy_direct: nn.Module = (
+            AnatomyLinear(num_anatomies, anatomy_in, embed_dim) if num_anatomies else nn.Linear(anatomy_in, embed_dim)
+        )
         cell_in = self.bins + self.texture_bins + 2 * feature_channels
         self.cell_proj = nn.Sequential(nn.LayerNorm(cell_in), nn.Linear(cell_in, hidden_size))
 
@@ -153,24 +180,33 @@ class VoxelStatistics(nn.Module):
         the contrastive loss learns a histogram reading in a few hundred steps."""
         return self.heads(*self.anatomy_inputs(image, features, masks, bins=bins))
 
-    def cell_anatomy_features(self, cells: Tensor) -> tuple[Tensor, Tensor]:
+    def cell_anatomy_features(self, cells: Tensor, *, anatomy: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Each feature cell read as a one-cell anatomy: :meth:`cell_inputs` output ``[B, N, F]``
         -> ``(hidden [B, N, C], direct [B, N, E])`` through the same heads as the anatomies (the
         volume share is the cell's). Prompt heatmaps use it, so a cell scores a finding by the same
-        histogram reading that scores the organ."""
+        histogram reading that scores the organ. With per-anatomy heads, ``anatomy`` (an index, or
+        ``[B, N]`` indices: the anatomy of each cell) picks the head."""
         k = self.bins
         share = self.cell[0] * self.cell[1] * self.cell[2] / float(self.voxel_cell.numel())
         volume = cells.new_full((*cells.shape[:-1], 1), math.log(share + 1e-4))
         stats = torch.cat([cells[..., :k], volume, cells[..., k:]], dim=-1)
-        return self.heads(stats, torch.ones(cells.shape[:-1], dtype=torch.bool, device=cells.device))
+        return self.heads(stats, torch.ones(cells.shape[:-1], dtype=torch.bool, device=cells.device), anatomy=anatomy)
 
-    def heads(self, stats: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def per_anatomy(self) -> bool:
+        """True when every anatomy has its own direct head."""
+        return isinstance(self.anatomy_direct, AnatomyLinear)
+
+    def heads(self, stats: Tensor, present: Tensor, *, anatomy: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Raw statistics ``[..., bins + 1 + T + 2 S]`` (:meth:`anatomy_inputs` layout) and ``present``
-        -> ``(hidden [..., C], direct [..., E])``, zero where not present."""
+        -> ``(hidden [..., C], direct [..., E])``, zero where not present. Per-anatomy heads read
+        rows ``[..., A, F]`` (one per anatomy) or, with ``anatomy``, the given anatomy's rows (a
+        shared head ignores ``anatomy``)."""
         keep = present.unsqueeze(-1).to(stats.dtype)
         k = self.bins + 1 + self.texture_bins
         scaled = torch.cat([(stats[..., :k] - LOG_CENTRE) / LOG_SCALE * keep, stats[..., k:]], dim=-1)
-        return self.anatomy_mlp(stats) * keep, self.anatomy_direct(scaled) * keep
+        direct = self.anatomy_direct(scaled, anatomy=anatomy) if self.per_anatomy else self.anatomy_direct(scaled)
+        return self.anatomy_mlp(stats) * keep, direct * keep
 
     def anatomy_inputs(self, image: Tensor, features: Tensor, masks: Tensor, *,
                        bins: tuple[Tensor, Tensor | None] | None = None) -> tuple[Tensor, Tensor]:
