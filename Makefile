@@ -45,7 +45,7 @@ wheel-check: setup
 
 bench: setup
 	@for b in benchmarks/[!_]*.py; do \
-	  case $$b in *image_encoder_probe.py|*cagcl_ablation.py) echo "== $$b: skipped (needs --cache from training.prepare)"; continue;; esac; \
+	  case $$b in *image_encoder_probe.py|*cagcl_ablation.py|*statistics_contrast_probe.py) echo "== $$b: skipped (needs --cache from training.prepare)"; continue;; esac; \
 	  echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

@@ -1,0 +1,66 @@
+"""benchmarks/statistics_contrast_probe.py on a tiny phantom cache: statistics, training, zero-shot table."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phantom_cache import tiny_cache, tiny_preprocess_config, write_phantoms
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _load():
+    path = REPO / "benchmarks" / "statistics_contrast_probe.py"
+    spec = importlib.util.spec_from_file_location("statistics_contrast_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.prepare import prepare_cache
+
+    tmp = tmp_path_factory.mktemp("statprobe")
+    cache = tiny_cache(tmp, n=8, seed=5)
+    root = write_phantoms(tmp / "valid_phantoms", n=6, seed=6, split="valid")
+    result = prepare_cache(root, cache, preprocess_config=tiny_preprocess_config(), split="valid", workers=1)
+    assert result.n_failed == 0, result.failures
+    return cache
+
+
+def test_statistics_are_the_anatomy_histograms(cache: Path) -> None:
+    from napari_ctvlp.engine.networks.config import HISTOGRAM_EDGES
+    from napari_ctvlp.engine.networks.voxel_statistics import LOG_CENTRE, LOG_SCALE
+    from training.data import CachedCTDataset
+
+    probe = _load()
+    feats, sentences, labels = probe.extract(str(cache), "train", texture=False)
+    assert feats.shape == (8, 7, len(HISTOGRAM_EDGES) + 2) and labels.shape == (8, 18) and len(sentences) == 8
+    item = CachedCTDataset(cache, split="train", augment_text=False)[0]
+    lung = item["image"][0][item["anatomy_masks"][0]].numpy()
+    share = np.mean(np.digitize(lung, HISTOGRAM_EDGES) == 0)  # below -950 HU
+    assert feats[0, 0, 0] == pytest.approx((np.log(share + 1e-4) - LOG_CENTRE) / LOG_SCALE, abs=1e-4)
+    assert probe.extract(str(cache), "train", texture=True)[0].shape[-1] > feats.shape[-1]
+
+
+@pytest.mark.parametrize("heads,text_head", [("anatomy", "mlp"), ("shared", "linear")])
+def test_probe_trains_and_prints_the_zero_shot_table(cache: Path, heads: str, text_head: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    probe = _load()
+    assert probe.main(["--cache", str(cache), "--valid-cache", str(cache), "--steps", "3", "--batch-size", "4",
+                       "--heads", heads, "--text-head", text_head, "--sentence-weight", "1", "--no-texture",
+                       "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^step 2 loss \d", out, flags=re.M), out
+    rows = re.findall(r"^(Cardiomegaly|Emphysema) +([\d.na]+) +([\d.na]+)$", out, flags=re.M)
+    assert len(rows) == 2, out
+    mean = re.search(r"^mean zero-shot AUC ([\d.na]+) \(template std ([\d.na]+)\); LR ceiling", out, flags=re.M)
+    assert mean is not None and f"heads={heads} text_head={text_head}" in out
