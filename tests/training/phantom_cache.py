@@ -42,3 +42,27 @@ def tiny_argv(cache: Path, out: Path, name: str, *extra: str) -> list[str]:
         "--set", "train.log_every=1", "--set", "train.device=cpu",
         "--cache", str(cache), "--out", str(out), "--name", name, *extra,
     ]
+
+
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as a module."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def train_valid_cache(tmp: Path, *, n_train: int = 8, n_valid: int = 8) -> Path:
+    """A tiny cache with a ``train`` split (seed 5) and a ``valid`` split (seed 6)."""
+    from training.prepare import prepare_cache
+
+    cache = tiny_cache(tmp, n=n_train, seed=5)
+    root = write_phantoms(tmp / "valid_phantoms", n=n_valid, seed=6, split="valid")
+    result = prepare_cache(root, cache, preprocess_config=tiny_preprocess_config(), split="valid", workers=1)
+    assert result.n_failed == 0, result.failures
+    return cache

@@ -2,39 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from phantom_cache import tiny_cache, tiny_preprocess_config, write_phantoms
-
-REPO = Path(__file__).resolve().parents[2]
+from phantom_cache import load_benchmark, tiny_preprocess_config, train_valid_cache
 
 
 def _load_probe():
-    path = REPO / "benchmarks" / "image_encoder_probe.py"
-    spec = importlib.util.spec_from_file_location("image_encoder_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("image_encoder_probe")
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.prepare import prepare_cache
-
-    tmp = tmp_path_factory.mktemp("probe")
-    cache = tiny_cache(tmp, n=8, seed=5)
-    root = write_phantoms(tmp / "valid_phantoms", n=8, seed=6, split="valid")
-    result = prepare_cache(root, cache, preprocess_config=tiny_preprocess_config(), split="valid", workers=1)
-    assert result.n_failed == 0, result.failures
-    return cache
+    return train_valid_cache(tmp_path_factory.mktemp("probe"), n_valid=8)
 
 
 def _table(out: str) -> dict[str, float]:

@@ -2,38 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from phantom_cache import tiny_cache, tiny_preprocess_config, write_phantoms
-
-REPO = Path(__file__).resolve().parents[2]
+from phantom_cache import load_benchmark, train_valid_cache
 
 
 def _load():
-    path = REPO / "benchmarks" / "statistics_contrast_probe.py"
-    spec = importlib.util.spec_from_file_location("statistics_contrast_probe", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("statistics_contrast_probe")
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.prepare import prepare_cache
-
-    tmp = tmp_path_factory.mktemp("statprobe")
-    cache = tiny_cache(tmp, n=8, seed=5)
-    root = write_phantoms(tmp / "valid_phantoms", n=6, seed=6, split="valid")
-    result = prepare_cache(root, cache, preprocess_config=tiny_preprocess_config(), split="valid", workers=1)
-    assert result.n_failed == 0, result.failures
-    return cache
+    return train_valid_cache(tmp_path_factory.mktemp("statprobe"), n_valid=6)
 
 
 def test_statistics_are_the_anatomy_histograms(cache: Path) -> None:
