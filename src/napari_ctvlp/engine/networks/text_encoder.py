@@ -155,7 +155,6 @@ class TextEncoder(nn.Module):
         super().__init__()
         if head not in TEXT_HEADS:
             raise ValueError(f"head must be one of {TEXT_HEADS}, got {head!r}")
-        self.head = head
         if pooling not in TEXT_POOLINGS:
             raise ValueError(f"pooling must be one of {TEXT_POOLINGS}, got {pooling!r}")
         self.pooling = pooling
