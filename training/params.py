@@ -47,6 +47,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # at the image rate, InfoNCE near chance flattens (collapses) the text space
         "text_lr": 1e-5,
         "text_warmup_steps": None,  # None: the same as warmup_steps
+        # direct statistics heads and the text head (training.optim.HEAD_PREFIXES); None = optim.lr
+        "head_lr": None,
     },
     "loss": {
         "use_global": True,

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.optim import lr_lambda_factory, param_groups
 from training.params import TrainParams, load_params
 
 logger = logging.getLogger(__name__)
@@ -100,49 +100,6 @@ class TrainStep(nn.Module):
             out["sentence_batch"] = held
             out["sentence_emb"] = m.encode_text(list(held.sentences)) if held.sentences else flat[:0]
         return out
-
-
-def lr_lambda_factory(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
-
-    def fn(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
-def param_groups(model: nn.Module, weight_decay: float, *, text_lr: float | None = None,
-                 lr: float | None = None) -> list[dict[str, Any]]:
-    """AdamW groups: no weight decay for biases, norms, embeddings-like 1-D tensors and scalars.
-
-    With ``text_lr`` (and ``lr``), the layers of a *pretrained* text backbone (``text.backbone.*``
-    of a model whose ``text.pretrained``) get their own two groups at ``text_lr``; the groups are
-    named (``"name"``: ``decay``, ``no_decay``, ``text_decay``, ``text_no_decay``).
-    """
-    pretrained_text = bool(getattr(getattr(model, "text", None), "pretrained", False)) and text_lr is not None
-    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "text_decay": [], "text_no_decay": []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = "no_decay" if p.ndim < 2 or name.endswith(".bias") or "pos_embed" in name else "decay"
-        if pretrained_text and name.startswith("text.backbone."):
-            kind = "text_" + kind
-        groups[kind].append(p)
-    out = []
-    for name, params in groups.items():
-        if not params:
-            continue
-        group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if "no_decay" in name else weight_decay,
-                                 "name": name}
-        if name.startswith("text_"):
-            group["lr"] = float(text_lr)  # type: ignore[arg-type]
-        elif lr is not None:
-            group["lr"] = float(lr)
-        out.append(group)
-    return out
 
 
 def supervision_record(tags: tuple[str, ...], *, mosmos: bool) -> dict[str, Any]:
@@ -275,8 +232,9 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
                            report_max_length=int(dp.get("report_max_length") or config.text_max_length))
 
     text_lr = op.get("text_lr")
+    head_lr = op.get("head_lr")
     groups = param_groups(model, float(op["weight_decay"]), text_lr=None if text_lr is None else float(text_lr),
-                          lr=float(op["lr"]))
+                          lr=float(op["lr"]), head_lr=None if head_lr is None else float(head_lr))
     optimizer = torch.optim.AdamW(groups, lr=float(op["lr"]), betas=tuple(op["betas"]))
     warmup = int(op["warmup_steps"])
     text_warmup = int(op["text_warmup_steps"]) if op.get("text_warmup_steps") is not None else warmup

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from phantom_cache import tiny_argv, tiny_cache
-from training import pretrain
+from training import optim, pretrain
 from training.params import load_params
 
 
@@ -128,7 +128,7 @@ def test_pretrained_text_layers_get_their_own_rate() -> None:
     from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
 
     model = CTVLP(CTVLPConfig.tiny(text_random_init=None))  # the real MiniLM, top layer trainable
-    groups = {g["name"]: g for g in pretrain.param_groups(model, 0.05, text_lr=1e-5, lr=3e-4)}
+    groups = {g["name"]: g for g in optim.param_groups(model, 0.05, text_lr=1e-5, lr=3e-4)}
     assert groups["text_decay"]["lr"] == 1e-5 and groups["decay"]["lr"] == 3e-4
     text_ids = {id(p) for g in ("text_decay", "text_no_decay") for p in groups[g]["params"]}
     backbone = {id(p) for n, p in model.named_parameters() if n.startswith("text.backbone.") and p.requires_grad}
@@ -136,9 +136,27 @@ def test_pretrained_text_layers_get_their_own_rate() -> None:
     assert id(model.text.projection.weight) in {id(p) for p in groups["decay"]["params"]}  # new layer: full rate
     assert groups["text_no_decay"]["weight_decay"] == 0.0 and groups["text_decay"]["weight_decay"] == 0.05
     random_text = CTVLP(CTVLPConfig.tiny())  # a randomly initialised text backbone is not "pretrained"
-    assert {g["name"] for g in pretrain.param_groups(random_text, 0.05, text_lr=1e-5, lr=3e-4)} == {"decay", "no_decay"}
+    assert {g["name"] for g in optim.param_groups(random_text, 0.05, text_lr=1e-5, lr=3e-4)} == {"decay", "no_decay"}
     params = load_params(None, overrides=["optim.text_lr=2e-5"])
     assert params.optim["text_lr"] == 2e-5 and params.optim["text_warmup_steps"] is None
+
+
+def test_head_lr_gives_the_direct_heads_their_own_rate() -> None:
+    """optim.head_lr: the direct statistics heads and the text head train at their own rate."""
+    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
+
+    model = CTVLP(CTVLPConfig.tiny(image_size=(16, 32, 32), patch_size=(8, 16, 16), stem="conv", feature_stride=8,
+                                   statistics_edges=(-0.5, 0.0, 0.5), statistics_heads="anatomy", text_head="mlp"))
+    groups = {g["name"]: g for g in optim.param_groups(model, 0.05, lr=3e-4, head_lr=1e-3)}
+    assert groups["head_decay"]["lr"] == 1e-3 and groups["head_no_decay"]["weight_decay"] == 0.0
+    heads = {id(p) for g in ("head_decay", "head_no_decay") for p in groups[g]["params"]}
+    expected = {id(p) for n, p in model.named_parameters()
+                if n.startswith(("statistics.anatomy_direct", "text.projection")) and p.requires_grad}
+    assert heads == expected and expected
+    assert all(g["lr"] == 3e-4 for n, g in groups.items() if not n.startswith("head_"))
+    assert not heads & {id(p) for p in groups["decay"]["params"]}
+    assert {g["name"] for g in optim.param_groups(model, 0.05, lr=3e-4)} == {"decay", "no_decay"}
+    assert load_params(None, overrides=["optim.head_lr=1e-3"]).optim["head_lr"] == 1e-3
 
 
 def test_killed_resave_of_the_latest_checkpoint_stays_resumable(cache: Path, tmp_path: Path,
