@@ -48,3 +48,23 @@ def test_probe_trains_and_prints_the_zero_shot_table(cache: Path, heads: str, te
     assert len(rows) == 2, out
     mean = re.search(r"^mean zero-shot AUC ([\d.na]+) \(template std ([\d.na]+)\); LR ceiling", out, flags=re.M)
     assert mean is not None and f"heads={heads} text_head={text_head}" in out
+
+
+def test_probe_ablation_flags_geometry_and_statistics_cache(cache: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """--global-weight / --no-text-aug train; the geometry line is printed; --stats-cache is reused."""
+    probe = _load()
+    stats = tmp_path / "stats.npz"
+    base = ["--cache", str(cache), "--valid-cache", str(cache), "--steps", "3", "--batch-size", "4", "--no-texture",
+            "--threads", "1", "--stats-cache", str(stats)]
+    assert probe.main(base + ["--global-weight", "0.1"]) == 0
+    first = capsys.readouterr().out
+    assert stats.is_file() and stats.with_suffix(".json").is_file()
+    geometry = re.search(r"^per-template mean AUC std ([\d.na]+); mean inter-anatomy text cosine (-?[\d.]+) "
+                         r"\(std [\d.]+\)  \[global_weight=0.1 text_aug=True\]$", first, flags=re.M)
+    assert geometry is not None, first
+    assert -1.0 <= float(geometry.group(2)) <= 1.0
+    assert probe.main(base + ["--no-text-aug", "--cache", str(tmp_path / "missing")]) == 0  # statistics from the file
+    second = capsys.readouterr().out
+    assert "text_aug=False" in second and "global_weight=0.0" in second
+    assert re.findall(r"LR ceiling \S+", first) == re.findall(r"LR ceiling \S+", second)  # same statistics
