@@ -34,6 +34,7 @@ import numpy as np
 
 from napari_ctvlp.engine.anatomy import ABNORMALITY_BY_NAME, ABNORMALITY_NAMES, PROMPT_TEMPLATES
 from napari_ctvlp.engine.volume import ProgressCallback, report
+from training.geometry import inter_anatomy_similarities, same_scan_similarities, write_plots
 
 logger = logging.getLogger(__name__)
 
@@ -192,59 +193,6 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
             "anatomies": tuple(model.config.anatomies)}
 
 
-def inter_anatomy_similarities(text_emb: np.ndarray, anatomy_of: np.ndarray, *, max_pairs: int = 200_000,
-                               seed: int = 0) -> np.ndarray:
-    """Cosine similarities of text embeddings belonging to *different* anatomies (all pairs, or a sample)."""
-    if len(text_emb) < 2:
-        return np.zeros(0)
-    e = text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True).clip(1e-12)
-    sim = e @ e.T
-    iu = np.triu_indices(len(e), k=1)
-    diff = anatomy_of[iu[0]] != anatomy_of[iu[1]]
-    vals = sim[iu][diff]
-    if len(vals) > max_pairs:
-        vals = np.random.default_rng(seed).choice(vals, max_pairs, replace=False)
-    return vals
-
-
-def _plots(out: Path, sims: np.ndarray, data: dict[str, Any], *, seed: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(sims, bins=50, range=(-1, 1), color="tab:blue")
-    ax.set_xlabel("cosine similarity of text embeddings of different anatomies")
-    ax.set_ylabel("pairs")
-    ax.set_title(f"mean {np.mean(sims):.3f}" if len(sims) else "no pairs")
-    fig.tight_layout()
-    fig.savefig(out / "text_similarity_hist.png", dpi=100)
-    plt.close(fig)
-
-    from sklearn.manifold import TSNE
-
-    anatomies = data["anatomies"]
-    owner = data["owner"][:, 1] if len(data["owner"]) else np.zeros(0, int)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, key, title in ((axes[0], "image_emb", "image anatomy embeddings"), (axes[1], "text_emb", "text anatomy embeddings")):
-        emb = data[key]
-        if len(emb) >= 5:
-            perplexity = float(min(30.0, max(2.0, (len(emb) - 1) / 3.0)))
-            xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(emb)
-            for j, name in enumerate(anatomies):
-                sel = owner == j
-                if sel.any():
-                    ax.scatter(xy[sel, 0], xy[sel, 1], s=8, label=name)
-            ax.legend(fontsize=7, markerscale=2)
-        ax.set_title(f"t-SNE: {title}")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(out / "tsne_anatomy.png", dpi=100)
-    plt.close(fig)
-
-
 def supervision_of(meta: dict[str, Any]) -> dict[str, Any]:
     """Which evaluation labels, if any, the checkpoint saw in training (from its training record).
 
@@ -323,7 +271,12 @@ def markdown_report(metrics: dict[str, Any]) -> str:
     lines += ["", "## Embedding geometry", "",
               f"Mean cosine similarity between text embeddings of different anatomies: "
               f"**{_fmt(geo['inter_anatomy_text_cosine_mean'])}** (std {_fmt(geo['inter_anatomy_text_cosine_std'])}, "
-              f"{geo['n_pairs']} pairs). Plots: `text_similarity_hist.png`, `tsne_anatomy.png`.", ""]
+              f"{geo['n_pairs']} pairs). Plots: `text_similarity_hist.png`, `tsne_anatomy.png`."]
+    if "inter_anatomy_image_cosine_mean" in geo:
+        lines.append(f"Image embeddings of different anatomies: mean cosine "
+                     f"{_fmt(geo['inter_anatomy_image_cosine_mean'])} over all pairs, "
+                     f"{_fmt(geo['same_scan_image_cosine_mean'])} within one scan.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -423,6 +376,8 @@ def evaluate(
                 "std": float(np.nanstd([t["mean"][k] for t in per_template]))} for k in METRIC_KEYS}
     owner = enc["owner"][:, 1] if len(enc["owner"]) else np.zeros(0, int)
     sims = inter_anatomy_similarities(enc["text_emb"], owner, seed=seed)
+    image_sims = inter_anatomy_similarities(enc["image_emb"], owner, seed=seed)
+    scan_sims = same_scan_similarities(enc["image_emb"], enc["owner"])
     metrics = {
         "checkpoint": str(loaded.path), "data": str(data), "split": split, "n_volumes": int(len(labels)),
         "supervision": supervision_of(loaded.meta),
@@ -433,7 +388,9 @@ def evaluate(
         "operating_points": operating, "at_operating_points": at_operating,
         "geometry": {"inter_anatomy_text_cosine_mean": float(np.mean(sims)) if len(sims) else float("nan"),
                      "inter_anatomy_text_cosine_std": float(np.std(sims)) if len(sims) else float("nan"),
-                     "n_pairs": int(len(sims)), "temperature": float(model.temperature())},
+                     "n_pairs": int(len(sims)), "temperature": float(model.temperature()),
+                     "inter_anatomy_image_cosine_mean": float(np.mean(image_sims)) if len(image_sims) else float("nan"),
+                     "same_scan_image_cosine_mean": float(np.mean(scan_sims)) if len(scan_sims) else float("nan")},
     }
     if localisation_data is not None:
         from training.localisation import evaluate_localisation
@@ -446,7 +403,7 @@ def evaluate(
     for v, p, y in zip(enc["volumes"], enc["probs"], labels):
         rows.append(v + "," + ",".join(f"{x:.5f}" for x in p) + "," + ",".join(str(int(x)) for x in y))
     (out / "scores.csv").write_text("\n".join(rows) + "\n")
-    _plots(out, sims, enc, seed=seed)
+    write_plots(out, sims, enc, seed=seed)
     return EvaluationResult(out, ensemble["mean"]["auc"], over["auc"]["mean"], over["auc"]["std"],
                             metrics["geometry"]["inter_anatomy_text_cosine_mean"], metrics)
 

@@ -47,6 +47,15 @@ def test_inter_anatomy_similarity_ignores_same_anatomy_pairs() -> None:
     np.testing.assert_allclose(collapsed, 1.0)
 
 
+def test_same_scan_similarity_pairs_only_different_anatomies_of_one_scan() -> None:
+    from training.geometry import same_scan_similarities
+
+    e = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    owner = np.array([[0, 0], [0, 1], [1, 0], [1, 1], [2, 0]])  # scan 2 has one anatomy: no pair
+    np.testing.assert_allclose(sorted(same_scan_similarities(e, owner)), [0.0, 1.0])
+    assert same_scan_similarities(e[:1], owner[:1]).size == 0
+
+
 def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
     cache = tiny_cache(tmp_path / "data", n=5, seed=21, split="valid")
     argv = tiny_argv(cache, tmp_path / "runs", "ev", "--set", "data.split=valid", "--max-steps", "1")
@@ -68,6 +77,8 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
         assert set(metrics["over_templates"][k]) == {"mean", "std"}
     geo = metrics["geometry"]
     assert -1.0 <= geo["inter_anatomy_text_cosine_mean"] <= 1.0 and geo["n_pairs"] > 0
+    assert -1.0 <= geo["inter_anatomy_image_cosine_mean"] <= 1.0 and -1.0 <= geo["same_scan_image_cosine_mean"] <= 1.0
+    assert "within one scan" in (out / "metrics.md").read_text()
     assert "| **mean** |" in (out / "metrics.md").read_text()
     assert len((out / "scores.csv").read_text().splitlines()) == 6
     sup = metrics["supervision"]  # what the model saw in training, from its checkpoint
