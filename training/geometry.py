@@ -18,16 +18,20 @@ import numpy as np
 __all__ = ["inter_anatomy_similarities", "same_scan_similarities", "write_plots"]
 
 
+def _pair_cosines(emb: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Cosine similarity of every pair of rows ``i < j`` of ``emb``, and the pairs' indices."""
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
+    iu = np.triu_indices(len(e), k=1)
+    return (e @ e.T)[iu], iu
+
+
 def inter_anatomy_similarities(text_emb: np.ndarray, anatomy_of: np.ndarray, *, max_pairs: int = 200_000,
                                seed: int = 0) -> np.ndarray:
     """Cosine similarities of text embeddings belonging to *different* anatomies (all pairs, or a sample)."""
     if len(text_emb) < 2:
         return np.zeros(0)
-    e = text_emb / np.linalg.norm(text_emb, axis=1, keepdims=True).clip(1e-12)
-    sim = e @ e.T
-    iu = np.triu_indices(len(e), k=1)
-    diff = anatomy_of[iu[0]] != anatomy_of[iu[1]]
-    vals = sim[iu][diff]
+    sim, iu = _pair_cosines(text_emb)
+    vals = sim[anatomy_of[iu[0]] != anatomy_of[iu[1]]]
     if len(vals) > max_pairs:
         vals = np.random.default_rng(seed).choice(vals, max_pairs, replace=False)
     return vals
@@ -38,15 +42,9 @@ def same_scan_similarities(emb: np.ndarray, owner: np.ndarray) -> np.ndarray:
     ``[N, 2]`` (scan index, anatomy index) per row of ``emb``."""
     if len(emb) < 2:
         return np.zeros(0)
-    e = emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)
-    out = []
-    for scan in np.unique(owner[:, 0]):
-        rows = np.flatnonzero(owner[:, 0] == scan)
-        if len(rows) > 1:
-            sim = e[rows] @ e[rows].T
-            iu = np.triu_indices(len(rows), k=1)
-            out.append(sim[iu][owner[rows[iu[0]], 1] != owner[rows[iu[1]], 1]])
-    return np.concatenate(out) if out else np.zeros(0)
+    sim, iu = _pair_cosines(emb)
+    a, b = owner[iu[0]], owner[iu[1]]
+    return sim[(a[:, 0] == b[:, 0]) & (a[:, 1] != b[:, 1])]
 
 
 def write_plots(out: Path, sims: np.ndarray, data: dict[str, Any], *, seed: int) -> None:
