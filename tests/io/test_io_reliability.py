@@ -294,6 +294,8 @@ def _check_contract(path: Path) -> None:
          qform_code=0, data_len="exact", gz=True)  # the scaling overflow: was +-inf voxels
 @example(dims=[1280, 1280, 1280], dtype=np.float32, pixdim=(1.0, 1.0, 1.0), slope=1.0, inter=0.0, sform=None,
          qform_code=0, data_len="none", gz=True)  # the 608-byte file claiming 8 GB
+@example(dims=[2, 1280, 32767], dtype=np.uint8, pixdim=(1.0, 1.0, 1.0), slope=1.0, inter=0.0, sform=None,
+         qform_code=0, data_len="exact", gz=True)  # 2 MB of gzip data under an 84 MB header: was a 168 MB read
 def test_property_nifti_header_fields(prop_dir: Path, dims: list[int], dtype: object, pixdim: tuple[float, float, float],
                                       slope: float, inter: float, sform: list[float] | None, qform_code: int,
                                       data_len: str, gz: bool) -> None:

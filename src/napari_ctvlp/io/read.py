@@ -70,7 +70,7 @@ def _check_nifti_voxel_size(path: Path, raw: Any) -> None:
         )
 
 
-def _check_nifti_size(path: Path, img: Any) -> None:
+def _check_nifti_size(path: Path, img: Any) -> int:
     """Fail before reading the voxels when the header claims more data than the file can hold or memory allows.
 
     * ``.nii``: the file must hold ``vox_offset + voxels * itemsize`` bytes.
@@ -78,11 +78,16 @@ def _check_nifti_size(path: Path, img: Any) -> None:
       most ``n * MAX_GZIP_RATIO`` bytes (the gzip ISIZE trailer is only the size modulo 2**32
       and only of the last member, so it is not used).
     * both: the estimated peak memory of the read must fit :func:`~._common.memory_budget`.
+
+    Returns the bytes the header needs (offset + voxel data); a gzip file's real length is checked
+    while it is decompressed (:func:`_gunzip_verified`).
     """
     hdr = img.header
     itemsize = hdr.get_data_dtype().itemsize
     voxels = int(np.prod(img.shape, dtype=np.int64))
-    need = int(hdr.get_data_offset()) + voxels * itemsize
+    # the proxy's offset is where nibabel reads (the loaded header's vox_offset may read 0)
+    offset = int(getattr(img.dataobj, "offset", hdr.get_data_offset()))
+    need = offset + voxels * itemsize
     size = path.stat().st_size
     suffix = path_suffix(path)
     if suffix == ".nii" and size < need:
@@ -98,6 +103,31 @@ def _check_nifti_size(path: Path, img: Any) -> None:
     # file data (twice when it is gunzipped into a buffer first) + float64 scaling + HU copy + transpose
     per_voxel = itemsize * (2 if suffix == ".nii.gz" else 1) + (8 if scaled else 0) + 8
     check_memory(path, tuple(img.shape), per_voxel)
+    return need
+
+
+def _gunzip_verified(path: Path, need: int, *, chunk: int = 1 << 24) -> bytes:
+    """The first ``need`` decompressed bytes of a ``.nii.gz``, or CTReadError when the file holds fewer.
+
+    nibabel allocates the header's full array before it finds out that the stream is short, so a small
+    crafted file could claim ~1100x its size. Decompressing in chunks keeps the memory proportional
+    to the data that is really there; the joined bytes and the array read from them are the "twice"
+    of :func:`_check_nifti_size`'s estimate.
+    """
+    import gzip
+
+    parts: list[bytes] = []
+    got = 0
+    with gzip.open(path, "rb") as fh:
+        while got < need:
+            part = fh.read(min(chunk, need - got))
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    if got < need:
+        raise read_error(path, f"file is truncated: header needs {need} bytes of uncompressed data, file holds {got}")
+    return b"".join(parts)
 
 
 def _check_affine(affine: np.ndarray, path: Path) -> np.ndarray:
@@ -127,7 +157,9 @@ def _load_nifti(path: Path, what: str = "NIfTI") -> tuple[np.ndarray, np.ndarray
             shape = as_3d(img.shape, path)
             _check_nifti_voxel_size(path, _raw_nifti_header(path, img))
             affine = _check_affine(img.affine, path)
-            _check_nifti_size(path, img)
+            need = _check_nifti_size(path, img)
+            if path_suffix(path) == ".nii.gz":
+                img = type(img).from_bytes(_gunzip_verified(path, need))
             data = np.asanyarray(img.dataobj).reshape(shape)  # scaling overflows: checked by hu_array
     except CTReadError:
         raise
