@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-texture", action="store_true", help="HU histogram and volume only")
     ap.add_argument("--global-weight", type=float, default=0.0, help="CA-GCL global group contrast weight")
     ap.add_argument("--no-text-aug", action="store_true", help="no sentence shuffle/subset augmentation")
+    ap.add_argument("--aug-drop-findings", action="store_true",
+                    help="the subset may drop sentences that state a finding (training's "
+                         "data.text_aug_keep_findings=false)")
     ap.add_argument("--stats-cache", default=None, help=".npz file keeping the extracted statistics")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -121,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.evaluate import inter_anatomy_similarities
     from training.losses import global_contrastive_loss, local_contrastive_loss
     from training.sentence_loss import sentence_batch, sentence_contrastive_loss
+    from training.report_tags import affirms_finding
     from training.text_aug import augment_sentences
+
+    keep = None if args.aug_drop_findings else affirms_finding
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         idx = rng.sample(range(len(xt)), args.batch_size)
         present = torch.tensor([[bool(st[i][j]) for j in range(a)] for i in idx])
         v = image(xt_t[idx])  # [B, A, E]
-        texts = [" ".join(st[i][j]) if args.no_text_aug else augment_sentences(list(st[i][j]), generator=rng)
+        texts = [" ".join(st[i][j]) if args.no_text_aug else augment_sentences(list(st[i][j]), generator=rng,
+                                                                               keep=keep)
                  for i in idx for j in range(a) if st[i][j]]
         flat = text.encode(texts)
         t = v.new_zeros(v.shape).index_put(present.nonzero(as_tuple=True), flat)

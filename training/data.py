@@ -95,6 +95,8 @@ class CachedCTDataset:
         split: which split.
         augment_text: clinical-aware sentence augmentation (training); off = all sentences in
             report order (evaluation).
+        keep_findings: the augmentation never drops a sentence that affirms a finding
+            (:func:`training.report_tags.affirms_finding`); False draws any non-empty subset.
         seed: seed of the augmentation (with the epoch and the index).
         anatomies: anatomy names the model pools over, in query order; default the cache's.
         tags: MOSMOS tag vocabulary; adds ``tag_targets`` to every item.
@@ -117,6 +119,7 @@ class CachedCTDataset:
         *,
         split: str = "train",
         augment_text: bool = True,
+        keep_findings: bool = True,
         seed: int = 0,
         anatomies: Sequence[str] | None = None,
         tags: Sequence[str] | None = None,
@@ -137,6 +140,7 @@ class CachedCTDataset:
         self.anatomies = tuple(names)
         self._channels = [cache_anatomies.index(a) for a in names]
         self.augment_text = augment_text
+        self.keep_findings = bool(keep_findings)
         self.seed = int(seed)
         self.epoch = 0
         self.tags = tuple(tags) if tags is not None else None
@@ -172,9 +176,11 @@ class CachedCTDataset:
             if not sentences:
                 texts.append("")
             elif self.augment_text:
+                from training.report_tags import affirms_finding
                 from training.text_aug import augment_sentences
 
-                texts.append(augment_sentences(sentences, generator=rng))
+                texts.append(augment_sentences(sentences, generator=rng,
+                                               keep=affirms_finding if self.keep_findings else None))
             else:
                 texts.append(" ".join(sentences))
         return texts

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 
 from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMY_BY_NAME
 
-__all__ = ["FINDING_PATTERNS", "affirmed", "finding_mentions", "report_tag_targets", "split_clauses"]
+__all__ = ["FINDING_PATTERNS", "affirmed", "affirms_finding", "finding_mentions", "report_tag_targets", "split_clauses"]
 
 #: Finding term (lower case) -> regular expressions naming it in a sentence (lower-cased text).
 FINDING_PATTERNS: Mapping[str, tuple[str, ...]] = {
@@ -47,7 +48,7 @@ FINDING_PATTERNS: Mapping[str, tuple[str, ...]] = {
     "lung nodule": (r"nodul",),
     "lung opacity": (r"opacit", r"ground[ -]?glass", r"infiltrat", r"density increase", r"increased density"),
     "pulmonary fibrotic sequela": (r"fibro(tic|sis|us)", r"sequela", r"\bscar", r"fibroatelecta", r"\bbands?\b"),
-    "pleural effusion": (r"pleural effusion", r"(?<!pericardial )effusion", r"fluid in the pleural"),
+    "pleural effusion": (r"pleural effusion", r"(?<!pericardial )effusion", r"fluid in the pleural", r"pleural fluid"),
     "mosaic attenuation pattern": (r"mosaic",),
     "peribronchial thickening": (r"peribronch\w* (wall )?thicken", r"bronchial wall thicken", r"peribronchial"),
     "consolidation": (r"consolidat",),
@@ -91,6 +92,23 @@ def affirmed(clause: str, patterns: Sequence[re.Pattern[str]]) -> bool:
                 continue
             return True
     return False
+
+
+@lru_cache(maxsize=1)
+def _all_finding_patterns() -> tuple[re.Pattern[str], ...]:
+    return tuple(p for term in FINDING_PATTERNS for p in _compiled(term))
+
+
+@lru_cache(maxsize=65536)
+def affirms_finding(sentence: str) -> bool:
+    """True when one clause of ``sentence`` names any of the 18 findings without negating it.
+
+    "Consolidation is seen in the right lower lobe." is True; "No consolidation is seen." and
+    "Trachea and both main bronchi are patent." are False. The clinical-aware text augmentation
+    never drops such a sentence (:func:`training.text_aug.augment_sentences`, ``keep``).
+    """
+    pats = _all_finding_patterns()
+    return any(affirmed(c, pats) for c in split_clauses(sentence.lower()))
 
 
 def finding_mentions(report: str, term: str) -> list[str]:

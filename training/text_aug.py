@@ -8,7 +8,7 @@ which can flip a negation), so the augmented text still describes the same scan.
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,6 +35,7 @@ def augment_sentences(
     *,
     generator: random.Random | np.random.Generator,
     min_keep: int = 1,
+    keep: Callable[[str], bool] | None = None,
 ) -> str:
     """Shuffle one anatomy's report sentences and keep a random non-empty subset.
 
@@ -42,10 +43,16 @@ def augment_sentences(
     uniformly random order, so every ordered non-empty subset is reachable; a single sentence is
     returned unchanged.
 
+    With ``keep`` (e.g. :func:`training.report_tags.affirms_finding`), the sentences it accepts are
+    always kept and the subset is drawn among the others only (uniform in ``[0, m]`` of the ``m``
+    others when at least one is kept): an augmented text never drops a finding the report states,
+    only some of its negations and normal statements, and is still shuffled as a whole.
+
     Args:
         sentences: the anatomy's sentences (blank ones are ignored).
         generator: ``random.Random`` or ``numpy.random.Generator`` (seed it for reproducibility).
         min_keep: the fewest sentences to keep (>= 1).
+        keep: sentences that must survive the subset (None: any sentence may be dropped).
 
     Returns:
         The kept sentences joined by single spaces.
@@ -61,9 +68,14 @@ def augment_sentences(
         raise ValueError("augment_sentences got no non-empty sentence")
     if len(clean) == 1:
         return clean[0]
-    keep = _randint(generator, min(min_keep, len(clean)), len(clean))
-    order = _permutation(generator, len(clean))[:keep]
-    return " ".join(clean[i] for i in order)
+    fixed = [i for i, s in enumerate(clean) if keep(s)] if keep is not None else []
+    if not fixed:  # the plain non-empty subset (the same draws as without ``keep``)
+        n_keep = _randint(generator, min(min_keep, len(clean)), len(clean))
+        return " ".join(clean[i] for i in _permutation(generator, len(clean))[:n_keep])
+    others = [i for i in range(len(clean)) if i not in fixed]
+    n_other = _randint(generator, 0, len(others))
+    chosen = fixed + [others[i] for i in _permutation(generator, len(others))[:n_other]]
+    return " ".join(clean[chosen[i]] for i in _permutation(generator, len(chosen)))
 
 
 def augment_anatomy_texts(
@@ -71,6 +83,7 @@ def augment_anatomy_texts(
     *,
     generator: random.Random | np.random.Generator,
     empty_text: str | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> dict[str, str]:
     """Augment every anatomy's sentences independently (e.g. ``AnatomyReport.sentences``).
 
@@ -78,11 +91,12 @@ def augment_anatomy_texts(
         sentences: ``{anatomy: sentences}``.
         generator: random source shared by all anatomies.
         empty_text: text for an anatomy without sentences; None leaves such anatomies out.
+        keep: sentences that are never dropped (see :func:`augment_sentences`).
     """
     out: dict[str, str] = {}
     for name, sents in sentences.items():
         if any(s and s.strip() for s in sents):
-            out[name] = augment_sentences(sents, generator=generator)
+            out[name] = augment_sentences(sents, generator=generator, keep=keep)
         elif empty_text is not None:
             out[name] = empty_text
     return out

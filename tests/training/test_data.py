@@ -125,6 +125,24 @@ def test_dataset_items_and_collate(cache: Path) -> None:
         assert len(set(epochs)) > 1
     plain = CachedCTDataset(cache, split="train", augment_text=False)
     assert plain.anatomy_texts(0)[ANATOMY_NAMES.index("lung")] == " ".join(lung_sentences)
+    # by default no sentence that states a finding is ever dropped; keep_findings=False may drop any
+    from training.report_tags import affirms_finding
+
+    stated = [s for i in range(len(ds)) for name in ds.anatomies for s in ds.entries[i]["sentences"].get(name, ())
+              if affirms_finding(s)]
+    assert stated, "the tiny cache's reports state no finding"
+    loose = CachedCTDataset(cache, split="train", augment_text=True, keep_findings=False, seed=1)
+    dropped = 0
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        loose.set_epoch(epoch)
+        for i in range(len(ds)):
+            for name, text, loose_text in zip(ds.anatomies, ds.anatomy_texts(i), loose.anatomy_texts(i)):
+                for s in ds.entries[i]["sentences"].get(name, ()):
+                    if affirms_finding(s):
+                        assert s in text, (name, s, text)
+                        dropped += s not in loose_text
+    assert dropped > 0
 
     from transformers import AutoTokenizer
 

@@ -55,3 +55,33 @@ def test_augment_anatomy_texts():
     assert out["heart"] == "Normal." and out["aorta"] == "Aorta is normal."
     assert set(_split(out["lung"])) <= set(SENTS)
     assert "heart" not in augment_anatomy_texts({"heart": ()}, generator=random.Random(1))
+
+
+@pytest.mark.parametrize("make", [random.Random, np.random.default_rng])
+def test_keep_never_drops_stated_findings(make):
+    """With ``keep=affirms_finding`` the two findings always survive; the negation comes and goes;
+    every order of what is kept is reachable."""
+    from training.report_tags import affirms_finding
+
+    seen = set()
+    for seed in range(400):
+        kept = _split(augment_sentences(SENTS, generator=make(seed), keep=affirms_finding))
+        assert set(SENTS[:2]) <= set(kept) and set(kept) <= set(SENTS) and len(set(kept)) == len(kept)
+        seen.add(kept)
+    every = {p for c in (SENTS[:2], SENTS) for p in itertools.permutations(c)}
+    assert seen == every  # 2 + 6 ordered subsets that hold both findings
+    negatives = ["No pleural effusion.", "Trachea and both main bronchi are patent.", "Heart size is normal."]
+    drawn = {_split(augment_sentences(negatives, generator=make(s), keep=affirms_finding)) for s in range(300)}
+    assert all(d for d in drawn) and len({len(d) for d in drawn}) == 3  # no finding: a plain non-empty subset
+
+
+def test_affirms_finding():
+    from training.report_tags import affirms_finding
+
+    assert affirms_finding("Consolidation is seen in the right lower lobe.")
+    assert affirms_finding("Calcified plaques in the aortic arch and descending aorta are observed.")
+    assert affirms_finding("No pleural effusion, but a nodule in the left upper lobe.")
+    for s in ("No consolidation is seen.", "Trachea and both main bronchi are patent.",
+              "No enlarged lymph nodes are seen in the mediastinum or hila.", "Pleural effusion was not observed."):
+        assert not affirms_finding(s), s
+
