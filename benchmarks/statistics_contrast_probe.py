@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-texture", action="store_true", help="HU histogram and volume only")
     ap.add_argument("--global-weight", type=float, default=0.0, help="CA-GCL global group contrast weight")
     ap.add_argument("--no-text-aug", action="store_true", help="no sentence shuffle/subset augmentation")
-    ap.add_argument("--aug-drop-findings", action="store_true",
-                    help="the subset may drop sentences that state a finding (training's "
-                         "data.text_aug_keep_findings=false)")
+    ap.add_argument("--aug-keep-findings", action="store_true",
+                    help="the subset never drops a sentence that states a finding (training's "
+                         "data.text_aug_keep_findings=true)")
     ap.add_argument("--stats-cache", default=None, help=".npz file keeping the extracted statistics")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.report_tags import affirms_finding
     from training.text_aug import augment_sentences
 
-    keep = None if args.aug_drop_findings else affirms_finding
+    keep = affirms_finding if args.aug_keep_findings else None
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -96,7 +96,8 @@ class CachedCTDataset:
         augment_text: clinical-aware sentence augmentation (training); off = all sentences in
             report order (evaluation).
         keep_findings: the augmentation never drops a sentence that affirms a finding
-            (:func:`training.report_tags.affirms_finding`); False draws any non-empty subset.
+            (:func:`training.report_tags.affirms_finding`); False (the paper's) draws any
+            non-empty subset.
         seed: seed of the augmentation (with the epoch and the index).
         anatomies: anatomy names the model pools over, in query order; default the cache's.
         tags: MOSMOS tag vocabulary; adds ``tag_targets`` to every item.
@@ -119,7 +120,7 @@ class CachedCTDataset:
         *,
         split: str = "train",
         augment_text: bool = True,
-        keep_findings: bool = True,
+        keep_findings: bool = False,
         seed: int = 0,
         anatomies: Sequence[str] | None = None,
         tags: Sequence[str] | None = None,

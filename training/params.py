@@ -30,7 +30,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "split": "train",
         "num_workers": 0,
         "augment_text": True,
-        "text_aug_keep_findings": True,  # the sentence subset never drops a stated finding
+        "text_aug_keep_findings": False,  # True: the sentence subset never drops a stated finding
         "augment_image": False,  # shift image + masks together, small intensity gain/offset
         "report_max_length": 512,  # token limit of whole reports (MOSMOS image-report loss)
     },

@@ -208,7 +208,7 @@ def train(params: TrainParams, *, run_dir: str | Path, resume: bool = False, sto
                       num_groups=lp.get("num_groups"), seed=seed, learn_temperature=False)
 
     dataset = CachedCTDataset(dp["cache"], split=dp.get("split", "train"), augment_text=bool(dp["augment_text"]),
-                              keep_findings=bool(dp.get("text_aug_keep_findings", True)),
+                              keep_findings=bool(dp.get("text_aug_keep_findings", False)),
                               seed=seed, anatomies=config.anatomies, tags=config.tags if mosmos else None,
                               patch_size=config.feature_patch, token_weighting=config.token_weighting,
                               augment_image=bool(dp.get("augment_image", False)))

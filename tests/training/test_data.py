@@ -125,13 +125,14 @@ def test_dataset_items_and_collate(cache: Path) -> None:
         assert len(set(epochs)) > 1
     plain = CachedCTDataset(cache, split="train", augment_text=False)
     assert plain.anatomy_texts(0)[ANATOMY_NAMES.index("lung")] == " ".join(lung_sentences)
-    # by default no sentence that states a finding is ever dropped; keep_findings=False may drop any
+    # with keep_findings no sentence that states a finding is ever dropped; by default any may go
     from training.report_tags import affirms_finding
 
     stated = [s for i in range(len(ds)) for name in ds.anatomies for s in ds.entries[i]["sentences"].get(name, ())
               if affirms_finding(s)]
     assert stated, "the tiny cache's reports state no finding"
-    loose = CachedCTDataset(cache, split="train", augment_text=True, keep_findings=False, seed=1)
+    loose = ds
+    ds = CachedCTDataset(cache, split="train", augment_text=True, keep_findings=True, seed=1, tags=DEFAULT_TAGS)
     dropped = 0
     for epoch in range(8):
         ds.set_epoch(epoch)

@@ -81,6 +81,7 @@ def test_affirms_finding():
     assert affirms_finding("Consolidation is seen in the right lower lobe.")
     assert affirms_finding("Calcified plaques in the aortic arch and descending aorta are observed.")
     assert affirms_finding("No pleural effusion, but a nodule in the left upper lobe.")
+    assert affirms_finding("Pleural fluid reaching 23 mm is observed on the left.")
     for s in ("No consolidation is seen.", "Trachea and both main bronchi are patent.",
               "No enlarged lymph nodes are seen in the mediastinum or hila.", "Pleural effusion was not observed."):
         assert not affirms_finding(s), s
