@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_ctvlp.engine.zero_shot import fill_template
     from training.evaluate import inter_anatomy_similarities
     from training.losses import global_contrastive_loss, local_contrastive_loss
-    from training.sentence_loss import sentence_batch, sentence_contrastive_loss
     from training.report_tags import affirms_finding
+    from training.sentence_loss import sentence_batch, sentence_contrastive_loss
     from training.text_aug import augment_sentences
 
     keep = affirms_finding if args.aug_keep_findings else None

@@ -94,6 +94,11 @@ def affirmed(clause: str, patterns: Sequence[re.Pattern[str]]) -> bool:
     return False
 
 
+def _sentence_affirms(sentence: str, patterns: Sequence[re.Pattern[str]]) -> bool:
+    """True when one clause of ``sentence`` affirms one of ``patterns`` (see :func:`affirmed`)."""
+    return any(affirmed(c, patterns) for c in split_clauses(sentence.lower()))
+
+
 @lru_cache(maxsize=1)
 def _all_finding_patterns() -> tuple[re.Pattern[str], ...]:
     return tuple(p for term in FINDING_PATTERNS for p in _compiled(term))
@@ -107,8 +112,7 @@ def affirms_finding(sentence: str) -> bool:
     "Trachea and both main bronchi are patent." are False. The clinical-aware text augmentation
     never drops such a sentence (:func:`training.text_aug.augment_sentences`, ``keep``).
     """
-    pats = _all_finding_patterns()
-    return any(affirmed(c, pats) for c in split_clauses(sentence.lower()))
+    return _sentence_affirms(sentence, _all_finding_patterns())
 
 
 def finding_mentions(report: str, term: str) -> list[str]:
@@ -116,12 +120,7 @@ def finding_mentions(report: str, term: str) -> list[str]:
     from training.report_parsing import split_sentences
 
     pats = _compiled(term.lower())
-    out = []
-    for sentence in split_sentences(report):
-        low = sentence.lower()
-        if any(affirmed(c, pats) for c in split_clauses(low)):
-            out.append(sentence)
-    return out
+    return [sentence for sentence in split_sentences(report) if _sentence_affirms(sentence, pats)]
 
 
 def report_tag_targets(tags: Sequence[str], *, report: str, sentences: Mapping[str, Sequence[str]]) -> np.ndarray:

@@ -85,4 +85,3 @@ def test_affirms_finding():
     for s in ("No consolidation is seen.", "Trachea and both main bronchi are patent.",
               "No enlarged lymph nodes are seen in the mediastinum or hila.", "Pleural effusion was not observed."):
         assert not affirms_finding(s), s
-
