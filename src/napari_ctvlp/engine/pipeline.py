@@ -163,6 +163,7 @@ class DetectionSession:
         self.loaded = loaded
         self.features = features
         self._lock = threading.Lock()
+        self._evidence: Any = None  # EvidenceMaps, computed on first use
 
     @property
     def model(self) -> CTVLP:
@@ -203,6 +204,23 @@ class DetectionSession:
 
         with self._lock:
             return attribution_heatmap(self.model, self.features, prompt, anatomy=anatomy, grid=grid)  # type: ignore[arg-type]
+
+    @property
+    def supports_evidence(self) -> bool:
+        """True when the model has finding evidence maps (``CTVLPConfig.tag_evidence``)."""
+        from napari_ctvlp.engine.evidence_maps import supports_evidence
+
+        return supports_evidence(self.model, self.features)
+
+    def evidence_heatmap(self, abnormality: str, *, grid: str = "source") -> np.ndarray:
+        """A finding's evidence map over its anatomy (:func:`engine.evidence_maps.evidence_heatmap`;
+        all 18 are computed on the first call and kept)."""
+        from napari_ctvlp.engine.evidence_maps import compute_evidence, evidence_heatmap
+
+        with self._lock:
+            if self._evidence is None:
+                self._evidence = compute_evidence(self.model, self.features)
+            return evidence_heatmap(self._evidence, self.features, abnormality, grid=grid)  # type: ignore[arg-type]
 
     def abnormality_heatmap(self, abnormality: str, *, grid: str = "source", anatomy: str | None = None) -> np.ndarray:
         """Pixel-tag map of an abnormality on the input grid, over the body or ``anatomy``."""

@@ -44,7 +44,7 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting":
                                     "feature_stride": 0, "stem_windows": (),
                                     "text_pooling": "text", "statistics_edges": (),
                                     "texture_statistics": False, "statistics_heads": "shared",
-                                    "text_head": "linear"}
+                                    "text_head": "linear", "tag_evidence": False, "evidence_smooth": 1}
 _STR_TUPLE_FIELDS = ("anatomies", "tags")
 
 
@@ -120,6 +120,11 @@ class CTVLPConfig:
             linear map for every anatomy) or ``"anatomy"`` (one per anatomy: a lung histogram is
             read as lung, a heart histogram as heart; feature cells use the head of the anatomy
             they lie in).
+        tag_evidence: add finding evidence maps (:class:`~napari_ctvlp.engine.networks.evidence.TagEvidence`):
+            per-finding voxel-bin weights whose log-sum-exp over the finding's anatomy is a
+            recognition logit, so the map shows what recognised it (needs ``statistics_edges``
+            and every finding's anatomy; trained by ``python -m training.evidence``).
+        evidence_smooth: box smoothing of the evidence maps, in stride-2 cells (odd; 1 for none).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -151,6 +156,8 @@ class CTVLPConfig:
     statistics_edges: tuple[float, ...] = ()
     texture_statistics: bool = False
     statistics_heads: str = "shared"
+    tag_evidence: bool = False
+    evidence_smooth: int = 1
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -212,6 +219,15 @@ class CTVLPConfig:
             raise ValueError("CTVLPConfig.texture_statistics needs statistics_edges (they extend the voxel statistics)")
         if self.statistics_heads not in ("shared", "anatomy"):
             raise ValueError(f"CTVLPConfig.statistics_heads must be 'shared' or 'anatomy', got {self.statistics_heads!r}")
+        if not isinstance(self.tag_evidence, bool):
+            raise ValueError(f"CTVLPConfig.tag_evidence must be true or false, got {self.tag_evidence!r}")
+        if self.tag_evidence and not edges:
+            raise ValueError("CTVLPConfig.tag_evidence needs statistics_edges (it reads the voxel bins)")
+        if self.tag_evidence and any(a.anatomy not in self.anatomies for a in ABNORMALITIES):
+            raise ValueError("CTVLPConfig.tag_evidence needs every finding's anatomy among the anatomies")
+        if isinstance(self.evidence_smooth, bool) or not isinstance(self.evidence_smooth, int) or \
+                self.evidence_smooth < 1 or self.evidence_smooth % 2 == 0:
+            raise ValueError(f"CTVLPConfig.evidence_smooth must be a positive odd integer, got {self.evidence_smooth!r}")
         if self.feature_stride and self.stem != "conv":
             raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from napari_ctvlp.engine.networks.anatomy_pooling import AnatomyEmbeddings, AnatomyPooling
 from napari_ctvlp.engine.networks.config import CTVLPConfig
 from napari_ctvlp.engine.networks.conv_stem import DenseFusion
+from napari_ctvlp.engine.networks.evidence import TagEvidence
 from napari_ctvlp.engine.networks.tag_decoder import TagDecoder, TagOutput
 from napari_ctvlp.engine.networks.text_encoder import TextEncoder
 from napari_ctvlp.engine.networks.vit3d import ViT3D
@@ -120,6 +121,16 @@ class CTVLP(nn.Module):
         else:
             self.tag_text_context = None
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+        self.evidence: TagEvidence | None = None
+        if config.tag_evidence:
+            from napari_ctvlp.engine.anatomy import ABNORMALITIES
+
+            assert self.statistics is not None  # the config checks it
+            self.evidence = TagEvidence(
+                num_bins=self.statistics.bins + self.statistics.texture_bins,
+                tag_anatomy=[config.anatomies.index(a.anatomy) for a in ABNORMALITIES],
+                image_size=config.image_size, smooth=config.evidence_smooth,
+            )
         self._tag_cache: Tensor | None = None
 
     # ------------------------------------------------------------------ properties
@@ -297,6 +308,16 @@ class CTVLP(nn.Module):
         if tag_embeddings is None:
             tag_embeddings = self.tag_embeddings()
         return self.tag_decoder(tokens, tag_embeddings)
+
+    def evidence_bins(self, image: Tensor) -> Tensor:
+        """Every voxel's bins ``[B, F, V]`` for the evidence maps: the HU bin, then each texture
+        filter's bin, offset so that they do not overlap (needs voxel statistics)."""
+        if self.statistics is None:
+            raise ValueError("evidence bins need voxel statistics (config.statistics_edges)")
+        hu, tex = self.statistics.voxel_bins(image)
+        if tex is None:
+            return hu.unsqueeze(1)
+        return torch.cat([hu.unsqueeze(1), tex + self.statistics.bins], dim=1)
 
     # ------------------------------------------------------------------ cache invalidation
     def train(self, mode: bool = True) -> CTVLP:

@@ -1,0 +1,142 @@
+"""Finding evidence maps: where in its anatomy each finding's tag is recognised.
+
+MOSMOS aligns pixels with tags: its recognition loss reads the tag through pixel-tag maps, so the
+maps show where a tag is seen. Our tag decoder reads 32-42 mm tokens, and its last layer attends
+almost alike for every tag, so its maps cannot point at a nodule. This module makes the pixel-tag
+map the recognition itself, in the multiple-instance form of weakly supervised localisation
+(class activation maps with log-sum-exp pooling, Pinheiro & Collobert 2015):
+
+* every voxel is described by its fixed bins, the HU histogram bin and the bin of each texture
+  filter (:class:`~napari_ctvlp.engine.networks.voxel_statistics.VoxelStatistics`);
+* a finding ``t`` gives each bin a learned weight ``w[t, k]``; a voxel's score is the sum of the
+  weights of its bins, and the map of ``t`` is the mean voxel score of the finding's anatomy in
+  each cell of ``cell`` voxels (stride 2 of the model grid here: 10 x 8 x 7 mm), smoothed over
+  ``smooth`` cells;
+* the finding's logit is a log-sum-exp over the anatomy's cells (voxel-count weighted) with a
+  learned sharpness per finding, plus a bias: a small dense cluster (a nodule) can carry it, and
+  a diffuse change (emphysema) can too, through a low sharpness that makes it a mean.
+
+It is trained with the multi-label recognition loss on tags read from the report text
+(:mod:`training.evidence`), never on the CT-RATE labels. Because the logit is computed from the
+map, the loss trains the map: the voxels that raise it are the ones the map shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EvidenceOutput", "TagEvidence"]
+
+#: sharpness = MIN_SHARPNESS + SHARPNESS_SCALE * softplus(raw): from a near-mean to a near-max pooling
+MIN_SHARPNESS, SHARPNESS_SCALE = 0.5, 4.0
+
+
+@dataclass(frozen=True)
+class EvidenceOutput:
+    """Output of :class:`TagEvidence`.
+
+    Attributes:
+        maps: ``[B, T, d, h, w]`` mean voxel score of each cell of the finding's anatomy (0 where
+            the cell holds none of it; see ``inside``), on the cell grid.
+        inside: ``[B, T, d, h, w]`` bool, the cell holds voxels of the finding's anatomy.
+        logits: ``[B, T]`` recognition logits.
+    """
+
+    maps: Tensor
+    inside: Tensor
+    logits: Tensor
+
+
+class TagEvidence(nn.Module):
+    """Per-finding voxel-bin weights, pooled to cell maps and to logits (see the module docstring).
+
+    Args:
+        num_bins: number of distinct voxel bins (HU bins + texture bins, offset so they do not overlap).
+        tag_anatomy: for each finding tag, the index of its anatomy among the model's anatomies.
+        image_size: model grid ``(D, H, W)``.
+        cell: cell size in voxels along each axis (must divide ``image_size``).
+        smooth: cells of the box smoothing (odd; 1 for none).
+    """
+
+    def __init__(self, *, num_bins: int, tag_anatomy: Sequence[int], image_size: Sequence[int], cell: int = 2,
+                 smooth: int = 1) -> None:
+        super().__init__()
+        self.num_bins = int(num_bins)
+        self.tag_anatomy = tuple(int(a) for a in tag_anatomy)
+        self.image_size = tuple(int(s) for s in image_size)
+        self.cell = int(cell)
+        self.smooth = int(smooth)
+        if self.num_bins < 2 or not self.tag_anatomy or min(self.tag_anatomy) < 0:
+            raise ValueError("TagEvidence needs >= 2 bins and a non-negative anatomy index per tag")
+        if self.cell < 1 or any(s % self.cell for s in self.image_size):
+            raise ValueError(f"cell {self.cell} must divide the model grid {self.image_size}")
+        if self.smooth < 1 or self.smooth % 2 == 0:
+            raise ValueError(f"smooth must be a positive odd number of cells, got {self.smooth}")
+        self.groups = tuple(sorted(set(self.tag_anatomy)))
+        self.grid = tuple(s // self.cell for s in self.image_size)
+        tags = len(self.tag_anatomy)
+        self.weight = nn.Parameter(torch.zeros(tags, self.num_bins))
+        self.sharpness = nn.Parameter(torch.zeros(tags))
+        self.bias = nn.Parameter(torch.zeros(tags))
+        axes = [torch.arange(s) // self.cell for s in self.image_size]
+        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+        cells = ((zz * self.grid[1] + yy) * self.grid[2] + xx).flatten()
+        self.register_buffer("voxel_cell", cells, persistent=False)
+        # tags in group order, and back
+        order = [t for g in self.groups for t in range(tags) if self.tag_anatomy[t] == g]
+        self.register_buffer("_order", torch.tensor(order), persistent=False)
+        self.register_buffer("_inverse", torch.argsort(torch.tensor(order)), persistent=False)
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    @torch.no_grad()
+    def cell_counts(self, bins: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        """Voxel bins ``[B, F, V]`` (offset, in ``[0, num_bins)``) and anatomy masks ``[B, A, D, H, W]``
+        -> per-group cell histograms ``[B, G, C, num_bins]`` (voxel counts of each bin inside the
+        group's anatomy) and voxel counts ``[B, G, C]`` (G: the anatomies that have tags)."""
+        b, f, v = bins.shape
+        if v != self.voxel_cell.numel():
+            raise ValueError(f"bins cover {v} voxels, the model grid {self.image_size} has {self.voxel_cell.numel()}")
+        k, c = self.num_bins, self.num_cells
+        index = (self.voxel_cell.view(1, 1, -1) * k + bins.long()).flatten(1)  # [B, F V]
+        counts = torch.zeros(b, len(self.groups), c * k, device=bins.device)
+        for i, g in enumerate(self.groups):
+            weight = masks[:, g].flatten(1).float().repeat(1, f)  # [B, F V]
+            counts[:, i].scatter_add_(1, index, weight)
+        counts = counts.view(b, len(self.groups), c, k)
+        voxels = torch.zeros(b, len(self.groups), c, device=bins.device)
+        for i, g in enumerate(self.groups):
+            voxels[:, i].scatter_add_(1, self.voxel_cell.expand(b, -1), masks[:, g].flatten(1).float())
+        return counts, voxels
+
+    def forward(self, counts: Tensor, voxels: Tensor) -> EvidenceOutput:
+        """:meth:`cell_counts` output -> maps, where they are defined, and logits."""
+        b = counts.shape[0]
+        parts, n_parts = [], []
+        for i, g in enumerate(self.groups):
+            tags = [t for t in range(len(self.tag_anatomy)) if self.tag_anatomy[t] == g]
+            parts.append(counts[:, i] @ self.weight[tags].T.to(counts.dtype))  # [B, C, T_g] score sums
+            n_parts.append(voxels[:, i : i + 1].expand(-1, len(tags), -1))
+        total = torch.cat(parts, -1).transpose(1, 2)[:, self._inverse]  # [B, T, C]
+        n = torch.cat(n_parts, 1)[:, self._inverse]
+        if self.smooth > 1:
+            shape = (b, total.shape[1], *self.grid)
+            pad = self.smooth // 2
+            total = F.avg_pool3d(total.reshape(shape), self.smooth, 1, pad).flatten(2)
+            n = F.avg_pool3d(n.reshape(shape), self.smooth, 1, pad).flatten(2)
+        inside = n > 1e-6
+        score = torch.where(inside, total / n.clamp_min(1e-6), torch.zeros_like(total))
+        sharp = (MIN_SHARPNESS + SHARPNESS_SCALE * F.softplus(self.sharpness)).view(1, -1, 1)
+        log_w = torch.log(n.clamp_min(1e-6)).masked_fill(~inside, -1e4)
+        pooled = torch.logsumexp(score * sharp + log_w, -1) - torch.logsumexp(log_w, -1)
+        logits = pooled / sharp[..., 0] + self.bias
+        # a scan without the anatomy has nothing to recognise the tag from: its logit is the bias
+        logits = torch.where(inside.any(-1), logits, self.bias.expand_as(logits))
+        return EvidenceOutput(score.view(b, -1, *self.grid), inside.view(b, -1, *self.grid), logits)
