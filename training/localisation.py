@@ -11,6 +11,8 @@ are scored on the input grid:
 * ``tags``: the MOSMOS pixel-tag map of the finding (the tag decoder's cross-attention);
 * ``attribution`` (models with voxel statistics): which voxels of the finding's anatomy raise the
   finding's margin over its 6 template pairs (:mod:`napari_ctvlp.engine.attribution`), at voxel resolution;
+* ``evidence`` (models with ``tag_evidence``): the finding's evidence map over its anatomy
+  (:mod:`napari_ctvlp.engine.evidence_maps`), the recognition head's own reading;
 * ``prompt_in_anatomy`` / ``tags_in_anatomy``: the same maps normalised over the finding's anatomy
   (the lungs for a nodule), zero elsewhere, as a reader looking at one row of the results table
   would want them. Pointing and AUROC are over the body for every kind, so a scoped map gets no
@@ -22,6 +24,8 @@ Metrics per map kind, over (scan, finding) pairs:
 * **voxel AUROC** of heat vs lesion inside the body (organ label > 0);
 * **cross-finding correlation**: per scan, the mean Pearson correlation between the maps of
   different findings (all 18 terms, on the model grid); near 1 means every finding gets the same map.
+  For ``evidence`` maps (each zero outside its own anatomy) it is taken between the 11 lung
+  findings, inside the lungs.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ KINDS = ("prompt", "tags")
 SCOPED_KINDS = ("prompt_in_anatomy", "tags_in_anatomy")
 #: voxel attribution through the voxel statistics (models with ``statistics_edges`` only)
 ATTRIBUTION_KIND = "attribution"
+#: finding evidence maps (models with ``tag_evidence`` only)
+EVIDENCE_KIND = "evidence"
 
 
 def pointing_hit(heat: np.ndarray, lesion: np.ndarray, *, spacing: Sequence[float], tolerance_mm: float = 5.0,
@@ -119,6 +125,8 @@ def _heatmap(session: Any, kind: str, k: int, *, grid: str) -> np.ndarray:
     """Map ``kind`` (``"prompt"``: the finding term's prompt heatmap; ``"tags"``: its pixel-tag map;
     ``*_in_anatomy``: normalised over the finding's anatomy) of abnormality number ``k`` on ``grid``."""
     anatomy = ABNORMALITIES[k].anatomy if kind.endswith("_in_anatomy") else None
+    if kind == EVIDENCE_KIND:
+        return session.evidence_heatmap(ABNORMALITY_NAMES[k], grid=grid)
     if kind == ATTRIBUTION_KIND:  # the margin of the finding's 6 template pairs, as its probability uses
         return session.attribution_heatmap(prompt_pairs(ABNORMALITY_NAMES[k]), anatomy=ABNORMALITIES[k].anatomy,
                                            grid=grid)
@@ -176,6 +184,8 @@ def evaluate_localisation(
     scored = KINDS + SCOPED_KINDS
     if loaded.model.statistics is not None:
         scored += (ATTRIBUTION_KIND,)
+    if loaded.model.evidence is not None:
+        scored += (EVIDENCE_KIND,)
     hits: dict[str, list[bool]] = {k: [] for k in scored}
     aucs: dict[str, list[float]] = {k: [] for k in scored}
     per_finding: dict[str, dict[str, list[float]]] = {k: {n: [] for n in ABNORMALITY_NAMES} for k in scored}
@@ -191,6 +201,12 @@ def evaluate_localisation(
         for kind in KINDS:
             maps = np.stack([_heatmap(session, kind, k, grid="model") for k in range(len(ABNORMALITY_NAMES))])
             corr[kind].append(cross_map_correlation(maps))
+        if EVIDENCE_KIND in scored and session.features.present[session.features.anatomies.index("lung")]:
+            # the 11 lung findings share one anatomy: are their maps different inside it?
+            lung = [k for k, a in enumerate(ABNORMALITIES) if a.anatomy == "lung"]
+            maps = np.stack([_heatmap(session, EVIDENCE_KIND, k, grid="model") for k in lung])
+            inside = maps.max(axis=0) > 0
+            corr.setdefault(EVIDENCE_KIND, []).append(cross_map_correlation(maps[:, inside]))
         for k, finding in enumerate(ABNORMALITY_NAMES):
             lesion = lesion_map == k + 1
             if not lesion.any():
@@ -215,7 +231,7 @@ def evaluate_localisation(
 
     pointing = {k: mean([float(h) for h in hits[k]]) for k in scored}
     auroc = {k: mean(aucs[k]) for k in scored}
-    cross = {k: mean(corr[k]) for k in KINDS}
+    cross = {k: mean(v) for k, v in corr.items()}
     metrics = {
         "checkpoint": str(checkpoint), "data": str(data), "split": split, "n_scans": len(cases),
         "n_pairs": len(hits["prompt"]), "tolerance_mm": tolerance_mm,
