@@ -474,7 +474,8 @@ def masked_heatmap(name: str, array: np.ndarray, labels: np.ndarray | None, *, k
 def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
     """A results row's map on the CT grid, masked outside the body (worker thread).
 
-    Models with voxel statistics: the voxel attribution of the finding's template margin in the
+    Models with an evidence head: the finding's evidence map in its anatomy (``kind="evidence"``).
+    Other models with voxel statistics: the voxel attribution of the finding's template margin in the
     row's anatomy (``kind="attribution"``). Others: the pixel-tag attention map, normalised over the
     row's anatomy (the whole body when the scan lacks it).
     """
@@ -483,6 +484,10 @@ def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
 
     features = result.session.features
     scoped = anatomy in features.anatomies and bool(features.present[features.anatomies.index(anatomy)])
+    session = result.session
+    if scoped and abnormality in ABNORMALITY_BY_NAME and getattr(session, "supports_evidence", False):
+        heat = session.evidence_heatmap(abnormality)
+        return masked_heatmap(abnormality, heat, result.segmentation.labels, kind="evidence")
     if scoped and supports_attribution(features) and abnormality in ABNORMALITY_BY_NAME:
         heat = result.session.attribution_heatmap(prompt_pairs(abnormality), anatomy=anatomy)
         return masked_heatmap(abnormality, heat, result.segmentation.labels, kind="attribution")

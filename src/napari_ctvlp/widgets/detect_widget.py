@@ -593,7 +593,12 @@ class DetectWidget(QWidget):
             # the GUI never freezes for the layer and its legend at once
             QTimer.singleShot(30, lambda: setattr(colorbar, "visible", True))
         lo, hi = heat.limits
-        if getattr(heat, "kind", "attention") == "attribution":
+        if getattr(heat, "kind", "attention") == "evidence":
+            self.heatmap_legend.setText(
+                f"Heatmap: {name}. Where in the organ the model's finding recognition sees it (evidence "
+                f"from each voxel's HU and texture, 1 cm cells; {lo:.3g} dark .. {hi:.3g} bright, colour bar "
+                f"at the top right); 0 outside the organ. Not a lesion outline.")
+        elif getattr(heat, "kind", "attention") == "attribution":
             self.heatmap_legend.setText(
                 f"Heatmap: {name}. Which voxels of the organ raise the model's score for it (first-order "
                 f"attribution through the organ's HU histogram and local features; {lo:.3g} dark .. "
