@@ -45,7 +45,7 @@ class EvidenceMaps:
 
 def supports_evidence(model: CTVLP, features: ImageFeatures) -> bool:
     """True when ``model`` has an evidence head and ``features`` keep the voxel masks it reads."""
-    return getattr(model, "evidence", None) is not None and features.voxel is not None
+    return model.evidence is not None and features.voxel is not None
 
 
 def compute_evidence(model: CTVLP, features: ImageFeatures) -> EvidenceMaps:

@@ -485,7 +485,7 @@ def row_heatmap(result: Any, anatomy: str, abnormality: str) -> Heatmap:
     features = result.session.features
     scoped = anatomy in features.anatomies and bool(features.present[features.anatomies.index(anatomy)])
     session = result.session
-    if scoped and abnormality in ABNORMALITY_BY_NAME and getattr(session, "supports_evidence", False):
+    if scoped and abnormality in ABNORMALITY_BY_NAME and session.supports_evidence:
         heat = session.evidence_heatmap(abnormality)
         return masked_heatmap(abnormality, heat, result.segmentation.labels, kind="evidence")
     if scoped and supports_attribution(features) and abnormality in ABNORMALITY_BY_NAME:

@@ -87,10 +87,13 @@ class TagEvidence(nn.Module):
         zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
         cells = ((zz * self.grid[1] + yy) * self.grid[2] + xx).flatten()
         self.register_buffer("voxel_cell", cells, persistent=False)
-        # tags in group order, and back
-        order = [t for g in self.groups for t in range(tags) if self.tag_anatomy[t] == g]
-        self.register_buffer("_order", torch.tensor(order), persistent=False)
-        self.register_buffer("_inverse", torch.argsort(torch.tensor(order)), persistent=False)
+        #: the tags of each group, and each tag's group; forward scores tags in group order, then
+        #: puts them back in tag order (``_inverse``)
+        self.group_tags = tuple(tuple(t for t in range(tags) if self.tag_anatomy[t] == g) for g in self.groups)
+        self.register_buffer("_tag_group", torch.tensor([self.groups.index(a) for a in self.tag_anatomy]),
+                             persistent=False)
+        order = torch.tensor([t for group in self.group_tags for t in group])
+        self.register_buffer("_inverse", torch.argsort(order), persistent=False)
 
     @property
     def num_cells(self) -> int:
@@ -107,25 +110,20 @@ class TagEvidence(nn.Module):
         k, c = self.num_bins, self.num_cells
         index = (self.voxel_cell.view(1, 1, -1) * k + bins.long()).flatten(1)  # [B, F V]
         counts = torch.zeros(b, len(self.groups), c * k, device=bins.device)
-        for i, g in enumerate(self.groups):
-            weight = masks[:, g].flatten(1).float().repeat(1, f)  # [B, F V]
-            counts[:, i].scatter_add_(1, index, weight)
-        counts = counts.view(b, len(self.groups), c, k)
         voxels = torch.zeros(b, len(self.groups), c, device=bins.device)
         for i, g in enumerate(self.groups):
-            voxels[:, i].scatter_add_(1, self.voxel_cell.expand(b, -1), masks[:, g].flatten(1).float())
-        return counts, voxels
+            inside = masks[:, g].flatten(1).float()  # [B, V]
+            counts[:, i].scatter_add_(1, index, inside.repeat(1, f))
+            voxels[:, i].scatter_add_(1, self.voxel_cell.expand(b, -1), inside)
+        return counts.view(b, len(self.groups), c, k), voxels
 
     def forward(self, counts: Tensor, voxels: Tensor) -> EvidenceOutput:
         """:meth:`cell_counts` output -> maps, where they are defined, and logits."""
         b = counts.shape[0]
-        parts, n_parts = [], []
-        for i, g in enumerate(self.groups):
-            tags = [t for t in range(len(self.tag_anatomy)) if self.tag_anatomy[t] == g]
-            parts.append(counts[:, i] @ self.weight[tags].T.to(counts.dtype))  # [B, C, T_g] score sums
-            n_parts.append(voxels[:, i : i + 1].expand(-1, len(tags), -1))
+        parts = [counts[:, i] @ self.weight[list(tags)].T.to(counts.dtype)  # [B, C, T_g] score sums
+                 for i, tags in enumerate(self.group_tags)]
         total = torch.cat(parts, -1).transpose(1, 2)[:, self._inverse]  # [B, T, C]
-        n = torch.cat(n_parts, 1)[:, self._inverse]
+        n = voxels[:, self._tag_group]  # each tag's anatomy voxels per cell
         if self.smooth > 1:
             shape = (b, total.shape[1], *self.grid)
             pad = self.smooth // 2
