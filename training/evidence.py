@@ -21,10 +21,12 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from napari_ctvlp.engine.networks.config import EVIDENCE_COMPARTMENTS
 from napari_ctvlp.engine.volume import ProgressCallback, report
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,7 @@ def train_evidence(
     batch_size: int = 8,
     lr: float = 0.03,
     smooth: int = 1,
+    compartments: Sequence[str] = (),
     limit: int | None = None,
     seed: int = 0,
     dtype: str = "float16",
@@ -98,6 +101,8 @@ def train_evidence(
         batch_size: volumes per step.
         lr: Adam learning rate (the head is a table of bin weights, started at zero).
         smooth: box smoothing of the maps, in cells (``CTVLPConfig.evidence_smooth``).
+        compartments: anatomies that split the HU bins by compartment, in priority order
+            (``CTVLPConfig.evidence_compartments``; empty for plain HU bins).
         limit: use only the first ``limit`` volumes of the split.
         seed: seed of the batch order.
         dtype: stored weight type.
@@ -122,7 +127,8 @@ def train_evidence(
     base = loaded.model
     if base.statistics is None:
         raise ValueError("the evidence head reads the voxel statistics' bins: this checkpoint has none")
-    config = base.config.replace(tag_evidence=True, evidence_smooth=int(smooth))
+    config = base.config.replace(tag_evidence=True, evidence_smooth=int(smooth),
+                                 evidence_compartments=tuple(compartments))
     torch.manual_seed(seed)
     model = CTVLP(config)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("evidence.")}
@@ -156,7 +162,8 @@ def train_evidence(
     training = dict(loaded.meta.get("training") or {})
     training["evidence"] = {
         "cache": str(cache), "split": split, "volumes": int(bins.shape[0]), "steps": steps, "batch_size": batch_size,
-        "lr": lr, "smooth": int(smooth), "seed": seed, "loss": "bce on report-text finding tags",
+        "lr": lr, "smooth": int(smooth),
+        "compartments": list(compartments), "seed": seed, "loss": "bce on report-text finding tags",
         "first_loss": round(first, 4), "last_loss": round(last, 4), "source_checkpoint": str(loaded.path),
     }
     path = save_checkpoint(model, out, preprocessing=loaded.preprocessing, training=training,
@@ -179,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--smooth", type=int, default=1)
+    p.add_argument("--compartments", default=",".join(EVIDENCE_COMPARTMENTS),
+                   help="comma-separated anatomies that split the HU bins, in priority order ('' for none; "
+                        "default: %(default)s)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
@@ -187,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train_evidence(args.checkpoint, args.cache, args.out, split=args.split, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr, smooth=args.smooth, limit=args.limit,
+                                compartments=[a.strip() for a in args.compartments.split(",") if a.strip()],
                                 seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -55,6 +55,51 @@ def test_recognition_trains_a_map_that_points_at_the_lesion() -> None:
     assert min(probs[0::2]) > max(probs[1::2])
 
 
+def _two_compartment_scan(lesion: bool, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bins ``[1, 1, V]`` with a decoy cube of bin 3 in the left half (anatomy 0, a "heart"), and
+    when ``lesion`` a cube of the same bin in the right half; anatomy 1 covers both halves."""
+    bins = rng.integers(0, 3, size=GRID)
+    z, y = rng.integers(1, 5), rng.integers(1, 9)
+    bins[z:z + 2, y:y + 2, 2:4] = 3
+    if lesion:
+        z, y = rng.integers(1, 5), rng.integers(1, 9)
+        bins[z:z + 2, y:y + 2, 8:10] = 3
+    masks = np.zeros((1, 2, *GRID), bool)
+    masks[0, 1, 1:-1, 1:-1, 1:-1] = True
+    masks[0, 0, 1:-1, 1:-1, 1:6] = True
+    return torch.from_numpy(bins.reshape(1, 1, -1)), torch.from_numpy(masks)
+
+
+def test_compartments_tell_a_lesion_from_the_same_density_in_another_organ() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    head = TagEvidence(num_bins=4, tag_anatomy=[1], image_size=GRID, compartments=[0], compartment_bins=4)
+    assert head.num_bins == 8 and head.input_bins == 4
+    bins, masks = _two_compartment_scan(True, rng)
+    split = head.split_bins(bins, masks).view(GRID)
+    assert int(split[masks[0, 0]].min()) >= 0 and int(split[masks[0, 0]].max()) <= 3  # compartment 0 keeps 0-3
+    assert int(split[masks[0, 1] & ~masks[0, 0]].min()) >= 4  # the rest of the anatomy is the second copy
+    scans = [(_two_compartment_scan(i % 2 == 0, rng), float(i % 2 == 0)) for i in range(16)]
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    for _ in range(60):
+        loss = 0.0
+        for (bins, masks), y in scans:
+            out = head(*head.cell_counts(bins, masks))
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.logits[0], torch.tensor([y]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = head.weight.detach()[0]
+    assert float(w[4 + 3]) > float(w[3]) + 1.0  # the dense bin counts outside the "heart", not in it
+    for i in range(6):
+        bins, masks = _two_compartment_scan(True, rng)
+        out = head(*head.cell_counts(bins, masks))
+        cell = np.unravel_index(int(out.maps[0, 0].argmax()), head.grid)
+        assert cell[2] >= 4  # the right half, where the lesion is, never the decoy
+    with pytest.raises(ValueError, match="compartment_bins"):
+        TagEvidence(num_bins=4, tag_anatomy=[1], image_size=GRID, compartments=[0])
+
+
 def test_maps_are_zero_outside_the_anatomy_and_logits_fall_back_to_the_bias() -> None:
     head = TagEvidence(num_bins=4, tag_anatomy=[0, 1], image_size=GRID, smooth=3)
     with torch.no_grad():
@@ -78,7 +123,15 @@ def test_config_needs_statistics_for_evidence() -> None:
     legacy = CTVLPConfig.tiny().to_dict()
     legacy.pop("tag_evidence")
     legacy.pop("evidence_smooth")
-    assert CTVLPConfig.from_dict(legacy, strict=True).tag_evidence is False  # older checkpoints load
+    legacy.pop("evidence_compartments")
+    loaded = CTVLPConfig.from_dict(legacy, strict=True)
+    assert loaded.tag_evidence is False and loaded.evidence_compartments == ()  # older checkpoints load
+    stats = dict(stem="conv", feature_stride=8, statistics_edges=(-0.9, -0.5, 0.0, 0.05, 0.5))
+    with pytest.raises(ValueError, match="needs tag_evidence"):
+        CTVLPConfig.tiny(**stats, evidence_compartments=("heart",))
+    for bad in (("heart", "heart"), ("liver",)):
+        with pytest.raises(ValueError, match="distinct anatomies"):
+            CTVLPConfig.tiny(**stats, tag_evidence=True, evidence_compartments=bad)
 
 
 def test_session_evidence_maps_on_a_tiny_model() -> None:
@@ -90,8 +143,9 @@ def test_session_evidence_maps_on_a_tiny_model() -> None:
 
     torch.manual_seed(0)
     cfg = CTVLPConfig.tiny(stem="conv", feature_stride=8, statistics_edges=(-0.9, -0.5, 0.0, 0.05, 0.5),
-                           texture_statistics=True, tag_evidence=True)
+                           texture_statistics=True, tag_evidence=True, evidence_compartments=("heart", "lung"))
     model = CTVLP(cfg).eval()
+    assert model.evidence.num_bins == model.evidence.input_bins + 2 * model.statistics.bins
     with torch.no_grad():
         model.evidence.weight.normal_()
     vol, org = synthetic_ct()

@@ -44,8 +44,12 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting":
                                     "feature_stride": 0, "stem_windows": (),
                                     "text_pooling": "text", "statistics_edges": (),
                                     "texture_statistics": False, "statistics_heads": "shared",
-                                    "text_head": "linear", "tag_evidence": False, "evidence_smooth": 1}
-_STR_TUPLE_FIELDS = ("anatomies", "tags")
+                                    "text_head": "linear", "tag_evidence": False, "evidence_smooth": 1,
+                                    "evidence_compartments": ()}
+_STR_TUPLE_FIELDS = ("anatomies", "tags", "evidence_compartments")
+#: The evidence head's compartments, in priority order: a voxel's HU bin is read as airway, aortic,
+#: oesophageal, cardiac, other mediastinal (fat, nodes), lung, or else (chest wall, bone) density.
+EVIDENCE_COMPARTMENTS: tuple[str, ...] = ("trachea", "aorta", "esophagus", "heart", "mediastinum", "lung")
 
 
 def _as_int3(name: str, value: Any) -> tuple[int, int, int]:
@@ -125,6 +129,9 @@ class CTVLPConfig:
             recognition logit, so the map shows what recognised it (needs ``statistics_edges``
             and every finding's anatomy; trained by ``python -m training.evidence``).
         evidence_smooth: box smoothing of the evidence maps, in stride-2 cells (odd; 1 for none).
+        evidence_compartments: anatomies, in priority order, that split the evidence head's HU bins
+            by compartment (the first that holds a voxel; e.g. :data:`EVIDENCE_COMPARTMENTS`); empty
+            for plain HU bins.
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -158,6 +165,7 @@ class CTVLPConfig:
     statistics_heads: str = "shared"
     tag_evidence: bool = False
     evidence_smooth: int = 1
+    evidence_compartments: tuple[str, ...] = ()
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -228,6 +236,12 @@ class CTVLPConfig:
         if isinstance(self.evidence_smooth, bool) or not isinstance(self.evidence_smooth, int) or \
                 self.evidence_smooth < 1 or self.evidence_smooth % 2 == 0:
             raise ValueError(f"CTVLPConfig.evidence_smooth must be a positive odd integer, got {self.evidence_smooth!r}")
+        if self.evidence_compartments and not self.tag_evidence:
+            raise ValueError("CTVLPConfig.evidence_compartments needs tag_evidence")
+        unknown = [a for a in self.evidence_compartments if a not in self.anatomies]
+        if unknown or len(set(self.evidence_compartments)) != len(self.evidence_compartments):
+            raise ValueError(f"CTVLPConfig.evidence_compartments must be distinct anatomies of the model, "
+                             f"got {self.evidence_compartments!r}")
         if self.feature_stride and self.stem != "conv":
             raise ValueError("CTVLPConfig.feature_stride needs stem='conv' (dense features come from the stem)")
         if not isinstance(self.tag_context_length, int) or self.tag_context_length < 0:

@@ -130,6 +130,8 @@ class CTVLP(nn.Module):
                 num_bins=self.statistics.bins + self.statistics.texture_bins,
                 tag_anatomy=[config.anatomies.index(a.anatomy) for a in ABNORMALITIES],
                 image_size=config.image_size, smooth=config.evidence_smooth,
+                compartments=[config.anatomies.index(a) for a in config.evidence_compartments],
+                compartment_bins=self.statistics.bins,
             )
         self._tag_cache: Tensor | None = None
 

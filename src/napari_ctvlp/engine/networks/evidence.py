@@ -8,6 +8,9 @@ map the recognition itself, in the multiple-instance form of weakly supervised l
 
 * every voxel is described by its fixed bins, the HU histogram bin and the bin of each texture
   filter (:class:`~napari_ctvlp.engine.networks.voxel_statistics.VoxelStatistics`);
+* with ``compartments``, the HU bin is read together with the voxel's compartment, the first of
+  the given anatomies (in order) that holds it: soft tissue in the mediastinal fat is then another
+  bin than soft tissue in the heart or the aorta, as a radiologist reads a lymph node;
 * a finding ``t`` gives each bin a learned weight ``w[t, k]``; a voxel's score is the sum of the
   weights of its bins, and the map of ``t`` is the mean voxel score of the finding's anatomy in
   each cell of ``cell`` voxels (stride 2 of the model grid here: 10 x 8 x 7 mm), smoothed over
@@ -56,17 +59,27 @@ class TagEvidence(nn.Module):
     """Per-finding voxel-bin weights, pooled to cell maps and to logits (see the module docstring).
 
     Args:
-        num_bins: number of distinct voxel bins (HU bins + texture bins, offset so they do not overlap).
+        num_bins: number of distinct input voxel bins (HU bins + texture bins, offset so they do not overlap).
         tag_anatomy: for each finding tag, the index of its anatomy among the model's anatomies.
         image_size: model grid ``(D, H, W)``.
         cell: cell size in voxels along each axis (must divide ``image_size``).
         smooth: cells of the box smoothing (odd; 1 for none).
+        compartments: anatomy indices, in priority order, whose masks split the first bin feature
+            (the HU bin) by compartment; a voxel in none of them is in a last compartment. Empty:
+            no split.
+        compartment_bins: number of bins of the first feature (needed with ``compartments``).
     """
 
     def __init__(self, *, num_bins: int, tag_anatomy: Sequence[int], image_size: Sequence[int], cell: int = 2,
-                 smooth: int = 1) -> None:
+                 smooth: int = 1, compartments: Sequence[int] = (), compartment_bins: int = 0) -> None:
         super().__init__()
-        self.num_bins = int(num_bins)
+        self.compartments = tuple(int(a) for a in compartments)
+        self.compartment_bins = int(compartment_bins) if self.compartments else 0
+        if self.compartments and not 1 <= self.compartment_bins <= num_bins:
+            raise ValueError("compartments need compartment_bins, the first feature's bins, in [1, num_bins]")
+        #: bins of the input features; the head's own bins add the compartments' copies of the first feature
+        self.input_bins = int(num_bins)
+        self.num_bins = self.input_bins + self.compartment_bins * len(self.compartments)
         self.tag_anatomy = tuple(int(a) for a in tag_anatomy)
         self.image_size = tuple(int(s) for s in image_size)
         self.cell = int(cell)
@@ -99,11 +112,25 @@ class TagEvidence(nn.Module):
     def num_cells(self) -> int:
         return self.grid[0] * self.grid[1] * self.grid[2]
 
+    def split_bins(self, bins: Tensor, masks: Tensor) -> Tensor:
+        """Input bins ``[B, F, V]`` -> the head's bins: the first feature's bin plus
+        ``compartment_bins`` times the voxel's compartment, the other features shifted past them."""
+        if not self.compartments:
+            return bins
+        flat = masks.flatten(2)
+        compartment = torch.full_like(flat[:, 0], len(self.compartments), dtype=torch.long)
+        for c in reversed(range(len(self.compartments))):  # the first anatomy that holds the voxel wins
+            compartment = compartment.masked_fill(flat[:, self.compartments[c]].bool(), c)
+        first = bins[:, :1].long() + self.compartment_bins * compartment[:, None]
+        rest = bins[:, 1:].long() + self.compartment_bins * len(self.compartments)
+        return torch.cat([first, rest], 1)
+
     @torch.no_grad()
     def cell_counts(self, bins: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
-        """Voxel bins ``[B, F, V]`` (offset, in ``[0, num_bins)``) and anatomy masks ``[B, A, D, H, W]``
+        """Voxel bins ``[B, F, V]`` (offset, in ``[0, input_bins)``) and anatomy masks ``[B, A, D, H, W]``
         -> per-group cell histograms ``[B, G, C, num_bins]`` (voxel counts of each bin inside the
         group's anatomy) and voxel counts ``[B, G, C]`` (G: the anatomies that have tags)."""
+        bins = self.split_bins(bins, masks)
         b, f, v = bins.shape
         if v != self.voxel_cell.numel():
             raise ValueError(f"bins cover {v} voxels, the model grid {self.image_size} has {self.voxel_cell.numel()}")
