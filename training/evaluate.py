@@ -149,6 +149,7 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
     """Run the zero-shot path on every cached volume; collect probabilities and embeddings."""
     import torch
 
+    from napari_ctvlp.engine.evidence_maps import compute_evidence, supports_evidence
     from napari_ctvlp.engine.preprocess import PreparedVolume, PreprocessConfig
     from napari_ctvlp.engine.zero_shot import encode_volume, score_abnormalities
     from training.data import CachedCTDataset
@@ -162,6 +163,7 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
     probs = np.full((n, len(k_names)), np.nan)
     per_template = np.full((n, len(k_names), len(PROMPT_TEMPLATES)), np.nan)
     labels = np.zeros((n, len(k_names)), dtype=int)
+    evidence = np.full((n, len(k_names)), np.nan) if model.evidence is not None else None
     image_emb, text_emb, text_owner = [], [], []
     for i, entry in enumerate(ds.entries):
         image = np.asarray(np.load(cache_dir / split / entry["image"], mmap_mode="r"), dtype=np.float32)
@@ -175,6 +177,8 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
             if j is not None:
                 probs[i, k] = scores.probability[k, j]
                 per_template[i, k] = scores.per_template[k, j]
+        if evidence is not None and supports_evidence(model, feats):
+            evidence[i] = compute_evidence(model, feats).probabilities
         labels[i] = np.asarray(entry["labels"], dtype=int)
         emb = feats.anatomy_embeddings.detach().cpu().numpy()
         texts = ds.anatomy_texts(i)
@@ -187,7 +191,7 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
                 text_emb.append(row)
                 text_owner.append((i, j))
         report(progress, i + 1, n, entry["volume_name"])
-    return {"probs": probs, "per_template": per_template, "labels": labels, "names": k_names,
+    return {"probs": probs, "per_template": per_template, "labels": labels, "names": k_names, "evidence": evidence,
             "volumes": [e["volume_name"] for e in ds.entries], "image_emb": np.asarray(image_emb),
             "text_emb": np.asarray(text_emb), "owner": np.asarray(text_owner, dtype=int).reshape(-1, 2),
             "anatomies": tuple(model.config.anatomies)}
@@ -258,6 +262,12 @@ def markdown_report(metrics: dict[str, Any]) -> str:
     over = metrics["over_templates"]
     lines.append("| **mean +- std** | " + " | ".join(f"{_fmt(over[k]['mean'])} +- {_fmt(over[k]['std'])}"
                                                    for k in METRIC_KEYS) + " |")
+    rec = metrics.get("evidence_recognition")
+    if rec:
+        lines += ["", "## Evidence head recognition (trained on report-text finding tags; not zero-shot)", "",
+                  "| abnormality | AUC |", "|---|---|"]
+        lines += [f"| {name} | {_fmt(m['auc'])} |" for name, m in rec["per_abnormality"].items()]
+        lines.append(f"| **mean** | **{_fmt(rec['mean']['auc'])}** |")
     loc = metrics.get("localisation")
     if loc:
         lines += ["", f"## Localisation ({loc['n_pairs']} lesion/finding pairs in {loc['n_scans']} phantoms)", "",
@@ -392,6 +402,8 @@ def evaluate(
                      "inter_anatomy_image_cosine_mean": float(np.mean(image_sims)) if len(image_sims) else float("nan"),
                      "same_scan_image_cosine_mean": float(np.mean(scan_sims)) if len(scan_sims) else float("nan")},
     }
+    if enc["evidence"] is not None:  # the supervised recognition head (report-text tags), not zero-shot
+        metrics["evidence_recognition"] = metrics_table(labels, enc["evidence"], names)
     if localisation_data is not None:
         from training.localisation import evaluate_localisation
 
@@ -455,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean AUC {result.mean_auc:.4f} | over templates {result.template_auc_mean:.4f} +- "
           f"{result.template_auc_std:.4f} | inter-anatomy text cosine {result.inter_anatomy_text_cosine:.4f} "
           f"-> {result.out_dir}")
+    rec = result.metrics.get("evidence_recognition")
+    if rec:
+        print(f"evidence head recognition (report-text tags, not zero-shot): mean AUC {rec['mean']['auc']:.4f}")
     loc = result.metrics.get("localisation")
     if loc:
         print("localisation: " + "; ".join(

@@ -68,6 +68,7 @@ def test_evaluate_writes_all_reports(tmp_path: Path) -> None:
     assert (out / "tsne_anatomy.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["n_volumes"] == 5
+    assert "evidence_recognition" not in metrics  # no evidence head, no recognition table
     assert set(metrics["ensemble"]["per_abnormality"]) == set(ABNORMALITY_NAMES)
     for m in metrics["ensemble"]["per_abnormality"].values():
         assert set(ev.METRIC_KEYS) <= set(m)
