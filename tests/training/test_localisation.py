@@ -58,3 +58,21 @@ def test_evaluate_localisation_on_tiny_phantoms(tmp_path: Path, tiny_checkpoint_
     shutil.rmtree(root / "lesions")
     with pytest.raises(ValueError, match="lesions"):
         evaluate_localisation(tiny_checkpoint_dir, root, split="valid")
+
+
+@pytest.mark.slow
+def test_shipped_evidence_maps_point_at_lesions_of_fresh_phantoms(tmp_path: Path) -> None:
+    """The demo checkpoint's evidence maps on phantoms of a seed used nowhere in training."""
+    from napari_ctvlp.engine.checkpoint import default_checkpoint_path
+
+    from phantom_cache import write_phantoms
+
+    shipped = default_checkpoint_path()
+    if shipped is None:
+        pytest.skip("no demo checkpoint installed")
+    root = write_phantoms(tmp_path / "ph", n=6, seed=90210, split="valid", size=(128, 128, 128))
+    res = evaluate_localisation(shipped, root, split="valid")
+    assert res.n_pairs >= 8  # 10 lesion/finding pairs; the 208 pairs of 60 phantoms are in the model card
+    assert res.pointing["evidence"] >= 0.4 and res.voxel_auroc["evidence"] >= 0.9
+    assert res.pointing["evidence"] > res.pointing["attribution"] > res.pointing["tags"]
+    assert res.cross_correlation["evidence"] < 0.5 < res.cross_correlation["tags"]

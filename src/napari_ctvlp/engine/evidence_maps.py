@@ -1,9 +1,10 @@
 """Finding evidence maps of a scan (models with ``CTVLPConfig.tag_evidence``).
 
 :class:`~napari_ctvlp.engine.networks.evidence.TagEvidence` scores each cell of a finding's
-anatomy from its voxels' HU and texture bins, and recognises the finding from those scores; the
-map here is that score, shown over the finding's anatomy. It answers "which part of the lung made
-the model call a nodule", at 2-voxel cells of the model grid (10 x 8 x 7 mm for ``phantom_cpu``).
+anatomy from its voxels' HU bins (read by compartment, when configured) and texture bins, and
+recognises the finding from those scores; the map here is that score, shown over the finding's
+anatomy. It answers "which part of the lung made the model call a nodule", at 2-voxel cells of
+the model grid (10 x 8 x 7 mm for ``phantom_cpu``).
 """
 
 from __future__ import annotations
