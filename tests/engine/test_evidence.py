@@ -26,20 +26,25 @@ def _scan(lesion: bool, rng: np.random.Generator) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(bins.reshape(1, 1, -1)), torch.from_numpy(mask[None, None])
 
 
+def _fit(head: TagEvidence, scans: list, *, steps: int = 60) -> None:
+    """Full-batch Adam on the recognition loss of ``[((bins, masks), label), ...]``."""
+    opt = torch.optim.Adam(head.parameters(), lr=0.1)
+    for _ in range(steps):
+        loss = 0.0
+        for (bins, masks), y in scans:
+            out = head(*head.cell_counts(bins, masks))
+            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.logits[0], torch.tensor([y]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_recognition_trains_a_map_that_points_at_the_lesion() -> None:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     head = TagEvidence(num_bins=4, tag_anatomy=[0], image_size=GRID, smooth=1)
     scans = [(_scan(i % 2 == 0, rng), float(i % 2 == 0)) for i in range(16)]
-    opt = torch.optim.Adam(head.parameters(), lr=0.1)
-    for _ in range(60):
-        loss = 0.0
-        for (bins, mask), y in scans:
-            out = head(*head.cell_counts(bins, mask))
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.logits[0], torch.tensor([y]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(head, scans)
     w = head.weight.detach()
     assert float(w[0, 3]) > float(w[0, :3].max())  # the lesion bin carries the tag
     probs, hits = [], []
@@ -80,15 +85,7 @@ def test_compartments_tell_a_lesion_from_the_same_density_in_another_organ() -> 
     assert int(split[masks[0, 0]].min()) >= 0 and int(split[masks[0, 0]].max()) <= 3  # compartment 0 keeps 0-3
     assert int(split[masks[0, 1] & ~masks[0, 0]].min()) >= 4  # the rest of the anatomy is the second copy
     scans = [(_two_compartment_scan(i % 2 == 0, rng), float(i % 2 == 0)) for i in range(16)]
-    opt = torch.optim.Adam(head.parameters(), lr=0.1)
-    for _ in range(60):
-        loss = 0.0
-        for (bins, masks), y in scans:
-            out = head(*head.cell_counts(bins, masks))
-            loss = loss + torch.nn.functional.binary_cross_entropy_with_logits(out.logits[0], torch.tensor([y]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit(head, scans)
     w = head.weight.detach()[0]
     assert float(w[4 + 3]) > float(w[3]) + 1.0  # the dense bin counts outside the "heart", not in it
     for i in range(6):
