@@ -198,7 +198,9 @@ def prompt_heatmap(
     grid: Grid = "source",
     anatomy: str | None = None,
 ) -> np.ndarray:
-    """Where a sentence matches: cosine of its embedding with every token embedding.
+    """Where a sentence matches: cosine of its embedding with every token embedding or, for a
+    model with a prompt evidence head (``features.prompt_cells`` set, ``grid`` not ``"tokens"``),
+    the sentence's cell scores over one anatomy (:func:`prompt_evidence_heatmap`).
 
     Args:
         prompt: a sentence (or a (positive, negative) pair: the positive one is mapped).
@@ -212,6 +214,8 @@ def prompt_heatmap(
     text = str(text).strip()
     if not text:
         raise ValueError("prompt must not be empty")
+    if features.prompt_cells is not None and model.prompt_evidence is not None and grid != "tokens":
+        return prompt_evidence_heatmap(model, features, prompt, grid=grid, anatomy=anatomy)
     emb = text_embeddings(model, [text])[0]
     cos = (features.token_embeddings @ emb).float().cpu().numpy()
     body = _scope(features, anatomy)
@@ -226,6 +230,47 @@ def prompt_heatmap(
     else:
         raise ValueError(f"normalize must be 'minmax' or 'softmax', got {normalize!r}")
     return _finish(values, features, grid)
+
+
+def prompt_evidence_heatmap(
+    model: CTVLP,
+    features: ImageFeatures,
+    prompt: str | tuple[str, str],
+    *,
+    grid: Literal["source", "model"] = "source",
+    anatomy: str | None = None,
+) -> np.ndarray:
+    """The prompt evidence head's map of a sentence: its cell scores over ``anatomy`` (default: the
+    anatomy where the prompt's probability is highest), min-max normalised there, 0 elsewhere.
+
+    Raises:
+        ValueError: no prompt evidence head, an empty prompt, an anatomy the model does not pool or
+            the scan lacks, or a bad ``grid``.
+    """
+    from napari_ctvlp.engine.prompt_evidence import prompt_map
+    from napari_ctvlp.engine.prompt_scoring import score_prompt
+
+    if features.prompt_cells is None or model.prompt_evidence is None:
+        raise ValueError("this model has no prompt evidence head (config.prompt_evidence)")
+    if grid not in ("source", "model"):
+        raise ValueError(f"grid must be 'source' or 'model', got {grid!r}")
+    if anatomy is None:
+        anatomy = score_prompt(model, features, prompt).best_anatomy
+        if anatomy is None:
+            raise ValueError("no anatomy of the model is in this scan's organ mask")
+    _scope(features, anatomy)  # checks the anatomy
+    j = features.anatomies.index(anatomy)
+    text = str(prompt[0] if isinstance(prompt, (tuple, list)) else prompt).strip()
+    phrase = ANATOMY_BY_NAME[anatomy].phrase if anatomy in ANATOMY_BY_NAME else anatomy
+    values = prompt_map(model, features.prompt_cells, text.replace("{organ}", phrase), j)
+    inside = np.isfinite(values)
+    if features.voxel is not None:  # the voxels of the anatomy, not the whole of its cells
+        inside &= features.voxel["masks"][j].cpu().numpy().astype(bool)
+    lo, hi = float(values[inside].min()), float(values[inside].max())
+    heat = np.where(inside, (values - lo) / (hi - lo if hi > lo else 1.0), 0.0).astype(np.float32)
+    if grid == "model":
+        return heat
+    return np.clip(to_source_grid(heat, features.prepared, order=1), 0.0, 1.0)
 
 
 def heatmap_slug(text: str) -> str:

@@ -63,7 +63,8 @@ class PromptScore:
         prompt: the positive sentence; ``negative``: its negative (given or derived).
         auto_negative: the negative was derived with :func:`negate`.
         anatomies: ``A`` names; ``probability``: ``[A]`` softmax over the pair (NaN if absent);
-        cosine: ``[A]`` raw cosine of the positive sentence; ``cosine_negative``: of the negative.
+        cosine: ``[A]`` raw score of the positive sentence (its cosine with the anatomy embedding,
+            or its evidence score with a prompt evidence head); ``cosine_negative``: of the negative.
         assessable: ``[A]``.
     """
 

@@ -9,8 +9,10 @@ Score of a (positive, negative) prompt pair for an anatomy embedding ``v``::
 
     p = softmax([cos(v, t+), cos(v, t-)] * exp(logit_scale))[0]
 
-averaged (mean and population std) over the prompt templates. An anatomy that is absent from
-the organ mask is *not assessable*: its probability is NaN, never a silent 0.
+averaged (mean and population std) over the prompt templates. A model with a prompt evidence
+head (``CTVLPConfig.prompt_evidence``, :mod:`napari_ctvlp.engine.prompt_evidence`) scores each
+sentence from the anatomy's cells instead, and ``p = sigmoid(score(t+) - score(t-))``. An anatomy
+that is absent from the organ mask is *not assessable*: its probability is NaN, never a silent 0.
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ class ImageFeatures:
         voxel: what attribution maps need from a model with voxel statistics (None otherwise):
             ``masks`` ``[A, D, H, W]`` bool anatomy masks on the model grid, ``stage4`` ``[S, ...]``
             the stride-4 stem features, ``pooled`` ``[A, C]`` the pooling attention outputs.
+        prompt_cells: the cell histograms the prompt evidence head scores prompts from
+            (:class:`~napari_ctvlp.engine.prompt_evidence.PromptCells`; None for models without one).
+            When set, prompts are scored by that head; ``dataclasses.replace(features,
+            prompt_cells=None)`` scores them with the anatomy embeddings instead.
     """
 
     tokens: torch.Tensor
@@ -150,6 +156,7 @@ class ImageFeatures:
     logit_scale: float
     timings: dict[str, float] = field(default_factory=dict)
     voxel: dict[str, torch.Tensor] | None = None
+    prompt_cells: Any = None
 
 
 def _mask_factors(spacing: tuple[float, ...], patch: tuple[int, ...], max_mm: float) -> tuple[int, int, int]:
@@ -227,13 +234,20 @@ def encode_volume(
         tags = model.decode_tags(tokens)
         scale = float(model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
         timings["pooling_tags"] = time.perf_counter() - t2
+        cells = None
+        if model.prompt_evidence is not None:
+            from napari_ctvlp.engine.prompt_evidence import prompt_cells
+
+            t3 = time.perf_counter()
+            cells = prompt_cells(model, image, voxel_masks)
+            timings["prompt_cells"] = time.perf_counter() - t3
     report(progress, 3, 3, "image features ready")
     attention = pooled.attention[0] if pooled.attention is not None else torch.zeros_like(token_masks[0], dtype=torch.float32)
     voxel = None
     if embedded.stage4 is not None and pooled.pooled is not None:
         voxel = {"masks": voxel_masks[0], "stage4": embedded.stage4[0].float(), "pooled": pooled.pooled[0].float()}
     return ImageFeatures(
-        voxel=voxel,
+        voxel=voxel, prompt_cells=cells,
         tokens=tokens, anatomy_embeddings=pooled.embeddings[0].float(),
         present=pooled.present[0].cpu().numpy().astype(bool), token_embeddings=tok_emb,
         pooling_attention=attention.float(), token_masks=token_masks[0], tag_maps=tags.maps[0].float(),
@@ -246,8 +260,25 @@ def encode_volume(
 def _pair_probabilities(
     model: CTVLP, features: ImageFeatures, pos: list[str], neg: list[str], anatomy_idx: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``p, cos+, cos-`` for each (pos[i], neg[i]) against anatomy ``anatomy_idx[i]`` (NaN if absent)."""
+    """``p, s+, s-`` for each (pos[i], neg[i]) against anatomy ``anatomy_idx[i]`` (NaN if absent).
+
+    ``s`` is the cosine with the anatomy embedding, or with a prompt evidence head (when
+    ``features.prompt_cells`` is set) the sentence's evidence score, and ``p = sigmoid(s+ - s-)``.
+    """
     import torch
+
+    if features.prompt_cells is not None and model.prompt_evidence is not None:
+        from napari_ctvlp.engine.prompt_evidence import prompt_scores
+
+        both = prompt_scores(model, features.prompt_cells, list(pos) + list(neg),
+                             np.concatenate([anatomy_idx, anatomy_idx]))
+        sp, sn = both[: len(pos)], both[len(pos):]
+        with np.errstate(invalid="ignore", over="ignore"):
+            p = 1.0 / (1.0 + np.exp(-(sp - sn)))
+        absent = ~features.present[anatomy_idx]
+        for arr in (p, sp, sn):
+            arr[absent] = np.nan
+        return p, sp, sn
 
     texts = list(dict.fromkeys(pos + neg))
     emb = text_embeddings(model, texts)

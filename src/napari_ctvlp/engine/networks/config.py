@@ -45,7 +45,7 @@ _LEGACY_DEFAULTS: dict[str, Any] = {"tag_context": "decoder", "token_weighting":
                                     "text_pooling": "text", "statistics_edges": (),
                                     "texture_statistics": False, "statistics_heads": "shared",
                                     "text_head": "linear", "tag_evidence": False, "evidence_smooth": 1,
-                                    "evidence_compartments": ()}
+                                    "evidence_compartments": (), "prompt_evidence": False}
 _STR_TUPLE_FIELDS = ("anatomies", "tags", "evidence_compartments")
 #: The evidence head's compartments, in priority order: a voxel's HU bin is read as airway, aortic,
 #: oesophageal, cardiac, other mediastinal (fat, nodes), lung, or else (chest wall, bone) density.
@@ -131,7 +131,11 @@ class CTVLPConfig:
         evidence_smooth: box smoothing of the evidence maps, in stride-2 cells (odd; 1 for none).
         evidence_compartments: anatomies, in priority order, that split the evidence head's HU bins
             by compartment (the first that holds a voxel; e.g. :data:`EVIDENCE_COMPARTMENTS`); empty
-            for plain HU bins.
+            for plain HU bins; the prompt evidence head reads them too.
+        prompt_evidence: add the prompt evidence head
+            (:class:`~napari_ctvlp.engine.networks.prompt_evidence.PromptEvidence`): prompts are then
+            scored, and their heatmaps drawn, from cell histograms of the voxel bins in the prompt's
+            anatomy (needs ``statistics_edges``; trained by ``python -m training.prompt_evidence``).
         init_temperature: initial contrastive temperature (``logit_scale = log(1/T)``).
         gradient_checkpointing: recompute ViT blocks in the backward pass (saves memory).
     """
@@ -166,6 +170,7 @@ class CTVLPConfig:
     tag_evidence: bool = False
     evidence_smooth: int = 1
     evidence_compartments: tuple[str, ...] = ()
+    prompt_evidence: bool = False
     init_temperature: float = 0.07
     gradient_checkpointing: bool = False
 
@@ -236,8 +241,12 @@ class CTVLPConfig:
         if isinstance(self.evidence_smooth, bool) or not isinstance(self.evidence_smooth, int) or \
                 self.evidence_smooth < 1 or self.evidence_smooth % 2 == 0:
             raise ValueError(f"CTVLPConfig.evidence_smooth must be a positive odd integer, got {self.evidence_smooth!r}")
-        if self.evidence_compartments and not self.tag_evidence:
-            raise ValueError("CTVLPConfig.evidence_compartments needs tag_evidence")
+        if not isinstance(self.prompt_evidence, bool):
+            raise ValueError(f"CTVLPConfig.prompt_evidence must be true or false, got {self.prompt_evidence!r}")
+        if self.prompt_evidence and not edges:
+            raise ValueError("CTVLPConfig.prompt_evidence needs statistics_edges (it reads the voxel bins)")
+        if self.evidence_compartments and not (self.tag_evidence or self.prompt_evidence):
+            raise ValueError("CTVLPConfig.evidence_compartments needs tag_evidence or prompt_evidence")
         unknown = [a for a in self.evidence_compartments if a not in self.anatomies]
         if unknown or len(set(self.evidence_compartments)) != len(self.evidence_compartments):
             raise ValueError(f"CTVLPConfig.evidence_compartments must be distinct anatomies of the model, "

@@ -7,6 +7,9 @@ Components:
 * :class:`~.text_encoder.TextEncoder` -> sentence embeddings in the same joint space;
 * :class:`~.tag_decoder.TagDecoder` -> pixel-tag attention maps and multi-label tag logits
   (MOSMOS, Tian et al.);
+* optional heads over the fixed voxel bins (``statistics_edges``): :class:`~.evidence.TagEvidence`
+  (``tag_evidence``: finding evidence maps) and :class:`~.prompt_evidence.PromptEvidence`
+  (``prompt_evidence``: any sentence's score and map from the cells of an anatomy);
 * ``logit_scale``: learnable inverse temperature of the contrastive similarities.
 """
 
@@ -25,6 +28,7 @@ from napari_ctvlp.engine.networks.anatomy_pooling import AnatomyEmbeddings, Anat
 from napari_ctvlp.engine.networks.config import CTVLPConfig
 from napari_ctvlp.engine.networks.conv_stem import DenseFusion
 from napari_ctvlp.engine.networks.evidence import TagEvidence
+from napari_ctvlp.engine.networks.prompt_evidence import PromptEvidence
 from napari_ctvlp.engine.networks.tag_decoder import TagDecoder, TagOutput
 from napari_ctvlp.engine.networks.text_encoder import TextEncoder
 from napari_ctvlp.engine.networks.vit3d import ViT3D
@@ -130,6 +134,15 @@ class CTVLP(nn.Module):
                 num_bins=self.statistics.bins + self.statistics.texture_bins,
                 tag_anatomy=[config.anatomies.index(a.anatomy) for a in ABNORMALITIES],
                 image_size=config.image_size, smooth=config.evidence_smooth,
+                compartments=[config.anatomies.index(a) for a in config.evidence_compartments],
+                compartment_bins=self.statistics.bins,
+            )
+        self.prompt_evidence: PromptEvidence | None = None
+        if config.prompt_evidence:
+            assert self.statistics is not None  # the config checks it
+            self.prompt_evidence = PromptEvidence(
+                num_bins=self.statistics.bins + self.statistics.texture_bins, text_dim=self.text.width,
+                groups=range(len(config.anatomies)), image_size=config.image_size,
                 compartments=[config.anatomies.index(a) for a in config.evidence_compartments],
                 compartment_bins=self.statistics.bins,
             )

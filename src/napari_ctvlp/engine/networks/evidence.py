@@ -33,7 +33,55 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["EvidenceOutput", "TagEvidence"]
+__all__ = ["EvidenceOutput", "TagEvidence", "cell_histograms", "cell_index", "split_compartment_bins"]
+
+
+def cell_index(image_size: Sequence[int], cell: int) -> Tensor:
+    """``[V]`` long: the index of each model-grid voxel's cell of ``cell`` voxels (C order)."""
+    grid = [int(s) // int(cell) for s in image_size]
+    axes = [torch.arange(int(s)) // int(cell) for s in image_size]
+    zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
+    return ((zz * grid[1] + yy) * grid[2] + xx).flatten()
+
+
+def split_compartment_bins(bins: Tensor, masks: Tensor, compartments: Sequence[int], compartment_bins: int) -> Tensor:
+    """Input bins ``[B, F, V]`` -> the first feature's bin plus ``compartment_bins`` times the voxel's
+    compartment (the first of ``compartments`` whose mask in ``masks [B, A, ...]`` holds it, else a
+    last one), the other features shifted past them. No ``compartments``: ``bins`` unchanged."""
+    if not compartments:
+        return bins
+    flat = masks.flatten(2)
+    compartment = torch.full_like(flat[:, 0], len(compartments), dtype=torch.long)
+    for c in reversed(range(len(compartments))):  # the first anatomy that holds the voxel wins
+        compartment = compartment.masked_fill(flat[:, compartments[c]].bool(), c)
+    first = bins[:, :1].long() + compartment_bins * compartment[:, None]
+    rest = bins[:, 1:].long() + compartment_bins * len(compartments)
+    return torch.cat([first, rest], 1)
+
+
+@torch.no_grad()
+def cell_histograms(bins: Tensor, masks: Tensor, *, groups: Sequence[int], voxel_cell: Tensor,
+                    num_bins: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Voxel bins ``[B, F, V]`` in ``[0, num_bins)`` and anatomy masks ``[B, A, D, H, W]`` -> cell
+    histograms ``[B, G, C, num_bins]`` (voxel counts of each bin inside each of the ``groups``
+    anatomies) and voxel counts ``[B, G, C]`` (``voxel_cell``: each voxel's cell, :func:`cell_index`).
+    ``out``: buffers ``[B, G, C * num_bins]`` and ``[B, G, C]`` to fill (a training loop reuses them:
+    touching fresh memory for the ~2 GB of a batch costs more than the counting)."""
+    b, f, v = bins.shape
+    if v != voxel_cell.numel():
+        raise ValueError(f"bins cover {v} voxels, the model grid has {voxel_cell.numel()}")
+    k, c = int(num_bins), int(voxel_cell.max()) + 1
+    index = (voxel_cell.view(1, 1, -1) * k + bins.long()).flatten(1)  # [B, F V]
+    if out is not None and tuple(out[0].shape) == (b, len(groups), c * k) and tuple(out[1].shape) == (b, len(groups), c):
+        counts, voxels = out[0].zero_(), out[1].zero_()
+    else:
+        counts = torch.zeros(b, len(groups), c * k, device=bins.device)
+        voxels = torch.zeros(b, len(groups), c, device=bins.device)
+    for i, g in enumerate(groups):
+        inside = masks[:, g].flatten(1).float()  # [B, V]
+        counts[:, i].scatter_add_(1, index, inside.repeat(1, f))
+        voxels[:, i].scatter_add_(1, voxel_cell.expand(b, -1), inside)
+    return counts.view(b, len(groups), c, k), voxels
 
 #: sharpness = MIN_SHARPNESS + SHARPNESS_SCALE * softplus(raw): from a near-mean to a near-max pooling
 MIN_SHARPNESS, SHARPNESS_SCALE = 0.5, 4.0
@@ -96,10 +144,7 @@ class TagEvidence(nn.Module):
         self.weight = nn.Parameter(torch.zeros(tags, self.num_bins))
         self.sharpness = nn.Parameter(torch.zeros(tags))
         self.bias = nn.Parameter(torch.zeros(tags))
-        axes = [torch.arange(s) // self.cell for s in self.image_size]
-        zz, yy, xx = torch.meshgrid(*axes, indexing="ij")
-        cells = ((zz * self.grid[1] + yy) * self.grid[2] + xx).flatten()
-        self.register_buffer("voxel_cell", cells, persistent=False)
+        self.register_buffer("voxel_cell", cell_index(self.image_size, self.cell), persistent=False)
         #: the tags of each group, and each tag's group; forward scores tags in group order, then
         #: puts them back in tag order (``_inverse``)
         self.group_tags = tuple(tuple(t for t in range(tags) if self.tag_anatomy[t] == g) for g in self.groups)
@@ -113,36 +158,16 @@ class TagEvidence(nn.Module):
         return self.grid[0] * self.grid[1] * self.grid[2]
 
     def split_bins(self, bins: Tensor, masks: Tensor) -> Tensor:
-        """Input bins ``[B, F, V]`` -> the head's bins: the first feature's bin plus
-        ``compartment_bins`` times the voxel's compartment, the other features shifted past them."""
-        if not self.compartments:
-            return bins
-        flat = masks.flatten(2)
-        compartment = torch.full_like(flat[:, 0], len(self.compartments), dtype=torch.long)
-        for c in reversed(range(len(self.compartments))):  # the first anatomy that holds the voxel wins
-            compartment = compartment.masked_fill(flat[:, self.compartments[c]].bool(), c)
-        first = bins[:, :1].long() + self.compartment_bins * compartment[:, None]
-        rest = bins[:, 1:].long() + self.compartment_bins * len(self.compartments)
-        return torch.cat([first, rest], 1)
+        """Input bins ``[B, F, V]`` -> the head's bins (:func:`split_compartment_bins`)."""
+        return split_compartment_bins(bins, masks, self.compartments, self.compartment_bins)
 
     @torch.no_grad()
     def cell_counts(self, bins: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
         """Voxel bins ``[B, F, V]`` (offset, in ``[0, input_bins)``) and anatomy masks ``[B, A, D, H, W]``
         -> per-group cell histograms ``[B, G, C, num_bins]`` (voxel counts of each bin inside the
         group's anatomy) and voxel counts ``[B, G, C]`` (G: the anatomies that have tags)."""
-        bins = self.split_bins(bins, masks)
-        b, f, v = bins.shape
-        if v != self.voxel_cell.numel():
-            raise ValueError(f"bins cover {v} voxels, the model grid {self.image_size} has {self.voxel_cell.numel()}")
-        k, c = self.num_bins, self.num_cells
-        index = (self.voxel_cell.view(1, 1, -1) * k + bins.long()).flatten(1)  # [B, F V]
-        counts = torch.zeros(b, len(self.groups), c * k, device=bins.device)
-        voxels = torch.zeros(b, len(self.groups), c, device=bins.device)
-        for i, g in enumerate(self.groups):
-            inside = masks[:, g].flatten(1).float()  # [B, V]
-            counts[:, i].scatter_add_(1, index, inside.repeat(1, f))
-            voxels[:, i].scatter_add_(1, self.voxel_cell.expand(b, -1), inside)
-        return counts.view(b, len(self.groups), c, k), voxels
+        return cell_histograms(self.split_bins(bins, masks), masks, groups=self.groups, voxel_cell=self.voxel_cell,
+                               num_bins=self.num_bins)
 
     def forward(self, counts: Tensor, voxels: Tensor) -> EvidenceOutput:
         """:meth:`cell_counts` output -> maps, where they are defined, and logits."""

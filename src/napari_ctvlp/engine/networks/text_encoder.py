@@ -358,6 +358,18 @@ class TextEncoder(nn.Module):
                 self.backbone.train(was_training)
         return torch.stack([cache[s] for s in sentences]).to(device)
 
+    def sentence_features(self, texts: Sequence[str]) -> Tensor:
+        """Texts -> ``[T, width]`` frozen-backbone features: the mean of each text's L2-normalised
+        mean-pooled sentence features, L2-normalised (what the prompt evidence head reads)."""
+        if isinstance(texts, str) or not texts:
+            raise ValueError("texts must be a non-empty sequence of strings")
+        groups = [split_sentences(str(t)) or [str(t)] for t in texts]
+        distinct = list(dict.fromkeys(s for g in groups for s in g))
+        row = {s: i for i, s in enumerate(distinct)}
+        with torch.no_grad():
+            feats = F.normalize(self._sentence_features(distinct).float(), dim=-1)
+        return F.normalize(torch.stack([feats[[row[s] for s in g]].mean(0) for g in groups]), dim=-1)
+
     def encode_sentence_groups(self, groups: Sequence[Sequence[str]]) -> Tensor:
         """Lists of sentences -> L2-normalised embeddings ``[G, E]``: each group is the mean of its
         sentences' projected features (the head maps every distinct sentence once)."""
