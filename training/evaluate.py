@@ -22,6 +22,7 @@ Writes ``metrics.json``, ``metrics.md``, ``text_similarity_hist.png``, ``tsne_an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -164,6 +165,9 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
     per_template = np.full((n, len(k_names), len(PROMPT_TEMPLATES)), np.nan)
     labels = np.zeros((n, len(k_names)), dtype=int)
     evidence = np.full((n, len(k_names)), np.nan) if model.evidence is not None else None
+    # with a prompt evidence head the prompts are scored by it; the CA-GCL embedding scores are kept beside
+    embedding = np.full((n, len(k_names), len(PROMPT_TEMPLATES)), np.nan) if model.prompt_evidence is not None \
+        else None
     image_emb, text_emb, text_owner = [], [], []
     for i, entry in enumerate(ds.entries):
         image = np.asarray(np.load(cache_dir / split / entry["image"], mmap_mode="r"), dtype=np.float32)
@@ -177,6 +181,13 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
             if j is not None:
                 probs[i, k] = scores.probability[k, j]
                 per_template[i, k] = scores.per_template[k, j]
+        if embedding is not None:
+            plain = score_abnormalities(model, dataclasses.replace(feats, prompt_cells=None),
+                                        templates=PROMPT_TEMPLATES, abnormalities=k_names)
+            for k, name in enumerate(k_names):
+                j = plain.primary_index(name)
+                if j is not None:
+                    embedding[i, k] = plain.per_template[k, j]
         if evidence is not None and supports_evidence(model, feats):
             evidence[i] = compute_evidence(model, feats).probabilities
         labels[i] = np.asarray(entry["labels"], dtype=int)
@@ -192,6 +203,7 @@ def _encode_cache(model: Any, cache_dir: Path, split: str, *, device: str,
                 text_owner.append((i, j))
         report(progress, i + 1, n, entry["volume_name"])
     return {"probs": probs, "per_template": per_template, "labels": labels, "names": k_names, "evidence": evidence,
+            "embedding": embedding,
             "volumes": [e["volume_name"] for e in ds.entries], "image_emb": np.asarray(image_emb),
             "text_emb": np.asarray(text_emb), "owner": np.asarray(text_owner, dtype=int).reshape(-1, 2),
             "anatomies": tuple(model.config.anatomies)}
@@ -262,6 +274,11 @@ def markdown_report(metrics: dict[str, Any]) -> str:
     over = metrics["over_templates"]
     lines.append("| **mean +- std** | " + " | ".join(f"{_fmt(over[k]['mean'])} +- {_fmt(over[k]['std'])}"
                                                    for k in METRIC_KEYS) + " |")
+    emb = metrics.get("embedding_zero_shot")
+    if emb:
+        lines += ["", f"Prompts are scored by: {metrics.get('scoring')}. The CA-GCL anatomy-embedding scores of the "
+                  f"same checkpoint: mean AUC {_fmt(emb['ensemble']['mean']['auc'])}, over templates "
+                  f"{_fmt(emb['template_auc_mean'])} +- {_fmt(emb['template_auc_std'])}."]
     rec = metrics.get("evidence_recognition")
     if rec:
         lines += ["", "## Evidence head recognition (trained on report-text finding tags; not zero-shot)", "",
@@ -402,6 +419,15 @@ def evaluate(
                      "inter_anatomy_image_cosine_mean": float(np.mean(image_sims)) if len(image_sims) else float("nan"),
                      "same_scan_image_cosine_mean": float(np.mean(scan_sims)) if len(scan_sims) else float("nan")},
     }
+    if enc["embedding"] is not None:  # the CA-GCL anatomy-embedding scores of a prompt evidence model
+        emb_over = [metrics_table(labels, enc["embedding"][:, :, p], names)["mean"]["auc"]
+                    for p in range(len(PROMPT_TEMPLATES))]
+        metrics["embedding_zero_shot"] = {
+            "ensemble": metrics_table(labels, enc["embedding"].mean(-1), names),
+            "template_auc_mean": float(np.nanmean(emb_over)), "template_auc_std": float(np.nanstd(emb_over))}
+        metrics["scoring"] = "prompt evidence head (sentence contrast over cells, report text only)"
+    else:
+        metrics["scoring"] = "anatomy embedding cosine (CA-GCL)"
     if enc["evidence"] is not None:  # the supervised recognition head (report-text tags), not zero-shot
         metrics["evidence_recognition"] = metrics_table(labels, enc["evidence"], names)
     if localisation_data is not None:
@@ -467,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mean AUC {result.mean_auc:.4f} | over templates {result.template_auc_mean:.4f} +- "
           f"{result.template_auc_std:.4f} | inter-anatomy text cosine {result.inter_anatomy_text_cosine:.4f} "
           f"-> {result.out_dir}")
+    emb = result.metrics.get("embedding_zero_shot")
+    if emb:
+        print(f"scored by the prompt evidence head; CA-GCL anatomy-embedding scores: mean AUC "
+              f"{emb['ensemble']['mean']['auc']:.4f} | over templates {emb['template_auc_mean']:.4f} +- "
+              f"{emb['template_auc_std']:.4f}")
     rec = result.metrics.get("evidence_recognition")
     if rec:
         print(f"evidence head recognition (report-text tags, not zero-shot): mean AUC {rec['mean']['auc']:.4f}")
