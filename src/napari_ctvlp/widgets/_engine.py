@@ -668,4 +668,5 @@ class ResultScorer:
         array = self.result.session.prompt_heatmap(text)
         if array is None:
             return None
-        return masked_heatmap(f"prompt: {text}", array, self.result.segmentation.labels)
+        kind = "prompt_evidence" if self.result.session.features.prompt_cells is not None else "attention"
+        return masked_heatmap(f"prompt: {text}", array, self.result.segmentation.labels, kind=kind)

@@ -598,6 +598,11 @@ class DetectWidget(QWidget):
                 f"Heatmap: {name}. Where in the organ the model's finding recognition sees it (evidence "
                 f"from each voxel's HU, compartment and texture, 1 cm cells; {lo:.3g} dark .. {hi:.3g} bright, "
                 f"colour bar at the top right); 0 outside the organ. Not a lesion outline.")
+        elif getattr(heat, "kind", "attention") == "prompt_evidence":
+            self.heatmap_legend.setText(
+                f"Heatmap: {name}. Where the organ shows what the sentence says: the cell scores its "
+                f"probability is computed from (each voxel's HU, compartment and texture, 1 cm cells; {lo:.3g} "
+                f"dark .. {hi:.3g} bright, colour bar at the top right); 0 outside the organ. Not a lesion outline.")
         elif getattr(heat, "kind", "attention") == "attribution":
             self.heatmap_legend.setText(
                 f"Heatmap: {name}. Which voxels of the organ raise the model's score for it (first-order "
