@@ -9,12 +9,16 @@ voxel bins, the anatomy masks and the frozen text backbone's sentence features, 
 alone, after pretraining, with the rest of the checkpoint unchanged. The loss is the sentence
 contrast of :mod:`training.sentence_loss` with the head's scan scores as logits: for every
 distinct sentence of an anatomy in a batch, a softmax over the scans that have the anatomy, the
-scans whose report text for it holds the sentence as targets. Only the report text is read: no
-finding tag, no label, no prompt template, so prompt scoring with this head is zero-shot.
+scans whose report text for it holds the sentence, or a paraphrase of it, as targets. A paraphrase
+is a sentence of the same anatomy whose frozen sentence feature has a cosine of at least
+``--paraphrase-cosine`` (0.9) with it: the phantom reports name each finding with its lobes, and a
+head that cannot see lobes should not learn "nodule in the left upper lobe" against scans with a
+nodule in the right one (``--paraphrase-cosine 1`` gives exact membership). Only the report text is
+read: no finding tag, no label, no prompt template, so prompt scoring with this head is zero-shot.
 
 The volumes' bins are computed once and kept in memory (about 2.4 MB per volume on the
 ``phantom_cpu`` grid). A run is deterministic in ``--seed`` and takes tens of minutes on 2 CPU
-cores (about 4 s per step of 8 volumes); it writes nothing until it ends, so it has no resume.
+cores (1-2 s per step of 8 volumes); it writes nothing until it ends, so it has no resume.
 The output is a checkpoint like the input (``--dtype`` float16 by default) with
 ``prompt_evidence=true`` and the head's weights, and a ``prompt_evidence`` entry in its training
 record.
@@ -97,6 +101,7 @@ def train_prompt_evidence(
     compartments: Sequence[str] = EVIDENCE_COMPARTMENTS,
     limit: int | None = None,
     seed: int = 0,
+    paraphrase_cosine: float = 0.9,
     dtype: str = "float16",
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
@@ -116,6 +121,8 @@ def train_prompt_evidence(
             checkpoint that has one keeps its compartments and this option must match them).
         limit: use only the first ``limit`` volumes of the split.
         seed: seed of the batch order.
+        paraphrase_cosine: sentences of one anatomy whose sentence features have at least this
+            cosine count as one (module docstring); 1 or more: exact sentences only.
         dtype: stored weight type.
         overwrite: replace an existing checkpoint at ``out``.
         progress: ``progress(done, total, message)``.
@@ -130,7 +137,7 @@ def train_prompt_evidence(
 
     from training.data import CachedCTDataset
     from training.evidence import _load_volumes
-    from training.sentence_loss import sentence_batch
+    from training.sentence_loss import sentence_batch, with_paraphrases
 
     if steps < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("steps must be >= 1, batch_size >= 2 and lr > 0")
@@ -164,6 +171,12 @@ def train_prompt_evidence(
         raise ValueError(f"the cache's {split} reports have no sentences to train on")
     features = torch.cat([model.text.sentence_features(distinct[i:i + 512]) for i in range(0, len(distinct), 512)])
     row = {s: i for i, s in enumerate(distinct)}
+    close_all = (features @ features.T) >= paraphrase_cosine  # [S, S]; features are unit vectors
+    close_all.fill_diagonal_(True)
+    paraphrases = int(close_all.sum()) - len(distinct)
+    if paraphrases > len(distinct) * (len(distinct) - 1) // 2:
+        logger.warning("--paraphrase-cosine %s merges %d of %d sentence pairs: little contrast is left",
+                       paraphrase_cosine, paraphrases // 2, len(distinct) * (len(distinct) - 1) // 2)
     present_all = masks.flatten(2).any(-1)  # [N, A]
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -179,6 +192,9 @@ def train_prompt_evidence(
         counts, voxels = head.cell_counts(bins[idx], masks[idx], out=buffers)
         present = present_all[idx]
         batch = sentence_batch([sentences[int(i)] for i in idx], present)
+        if paraphrases:
+            rows = torch.tensor([row[s] for s in batch.sentences], dtype=torch.long)
+            batch = with_paraphrases(batch, close_all[rows][:, rows])
         text = features[[row[s] for s in batch.sentences]] if batch.sentences else features[:0]
         loss = prompt_evidence_loss(head, counts, voxels, batch, present, text)
         optimizer.zero_grad(set_to_none=True)
@@ -194,6 +210,7 @@ def train_prompt_evidence(
     training["prompt_evidence"] = {
         "cache": str(cache), "split": split, "volumes": int(bins.shape[0]), "sentences": len(distinct),
         "steps": steps, "batch_size": b, "lr": lr, "compartments": list(compartments), "seed": seed,
+        "paraphrase_cosine": paraphrase_cosine, "paraphrase_pairs": paraphrases // 2,
         "loss": "sentence contrast over scans (report text only)", "first_loss": round(first, 4),
         "last_loss": round(last, 4), "source_checkpoint": str(loaded.path),
     }
@@ -217,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                         "default: %(default)s)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--paraphrase-cosine", type=float, default=0.9,
+                   help="sentences of one anatomy with at least this sentence-feature cosine count as one "
+                        "(1: exact sentences; default: %(default)s)")
     p.add_argument("--dtype", default="float16", choices=("float32", "float16", "bfloat16"))
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -224,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         result = train_prompt_evidence(
             args.checkpoint, args.cache, args.out, split=args.split, steps=args.steps, batch_size=args.batch_size,
             lr=args.lr, compartments=[a.strip() for a in args.compartments.split(",") if a.strip()],
-            limit=args.limit, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite)
+            limit=args.limit, seed=args.seed,
+            paraphrase_cosine=args.paraphrase_cosine, dtype=args.dtype, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

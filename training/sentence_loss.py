@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SentenceBatch", "sentence_batch", "sentence_contrastive_loss"]
+__all__ = ["SentenceBatch", "sentence_batch", "sentence_contrastive_loss", "with_paraphrases"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,29 @@ def sentence_batch(anatomy_sentences: Sequence[Sequence[Sequence[str]]], present
     keys = list(index)
     anatomy = torch.tensor([j for j, _ in keys], dtype=torch.long)
     return SentenceBatch(tuple(s for _, s in keys), anatomy, members.to(present.device))
+
+
+def with_paraphrases(batch: SentenceBatch, close: torch.Tensor) -> SentenceBatch:
+    """Let a scan also hold the sentences its own sentences paraphrase.
+
+    A phantom report names a finding with its lobes ("Lung nodule in the left upper lobe."), so
+    with exact membership the scans of a batch that have the same finding in another lobe are
+    negatives of that sentence, and a head that cannot see lobes is trained against itself. With
+    ``close[i, j]`` true when sentences ``i`` and ``j`` say the same (e.g. a cosine of their frozen
+    sentence features above a threshold: a text-only judgement, no label is read), scan ``b``
+    holds sentence ``j`` when it holds any sentence ``i`` of the same anatomy close to ``j``.
+
+    Args:
+        batch: from :func:`sentence_batch`.
+        close: ``[S, S]`` bool over ``batch.sentences`` (the diagonal is taken as true).
+    """
+    s = len(batch.sentences)
+    if close.shape != (s, s):
+        raise ValueError(f"close must be {s} x {s}, not {tuple(close.shape)}")
+    same = batch.anatomy[:, None] == batch.anatomy[None, :]
+    close = (close.to(torch.bool) | torch.eye(s, dtype=torch.bool)) & same
+    members = (batch.members.float() @ close.float().to(batch.members.device)) > 0
+    return SentenceBatch(batch.sentences, batch.anatomy, members)
 
 
 def sentence_contrastive_loss(

@@ -26,8 +26,10 @@ def test_train_prompt_evidence_cli_adds_a_head_that_scores_prompts(tmp_path: Pat
     cache = tiny_cache(tmp_path, n=6, seed=5)
     source = _stats_checkpoint(tmp_path / "src")
     out = tmp_path / "with_prompt_evidence"
+    # the tiny random text encoder puts every sentence above cosine 0.9, so paraphrase merging would
+    # make every scan hold every sentence (no contrast left): exact membership here
     assert main(["--checkpoint", str(source), "--cache", str(cache), "--out", str(out), "--steps", "4",
-                 "--batch-size", "3", "--dtype", "float32"]) == 0
+                 "--batch-size", "3", "--dtype", "float32", "--paraphrase-cosine", "1"]) == 0
     loaded = load_checkpoint(out)
     head = loaded.model.prompt_evidence
     assert loaded.config.prompt_evidence and head is not None
@@ -36,6 +38,12 @@ def test_train_prompt_evidence_cli_adds_a_head_that_scores_prompts(tmp_path: Pat
     assert float(head.weight.detach().abs().sum()) > 0  # trained away from its zero start
     record = loaded.meta["training"]["prompt_evidence"]
     assert record["steps"] == 4 and record["sentences"] > 0 and "report text only" in record["loss"]
+    assert record["paraphrase_cosine"] == 1.0 and record["paraphrase_pairs"] == 0
+    merged = tmp_path / "merged"  # the default threshold merges (and records) the near-identical sentences
+    assert main(["--checkpoint", str(source), "--cache", str(cache), "--out", str(merged), "--steps", "1",
+                 "--batch-size", "3"]) == 0
+    wide = load_checkpoint(merged).meta["training"]["prompt_evidence"]
+    assert wide["paraphrase_cosine"] == 0.9 and 0 < wide["paraphrase_pairs"] <= wide["sentences"] ** 2 // 2
     # the zero-shot operating points belonged to the embedding scores: they are not carried over
     assert not loaded.meta.get("operating_points")
     before = load_checkpoint(source).model.state_dict()

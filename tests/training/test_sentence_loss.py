@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from training.sentence_loss import sentence_batch, sentence_contrastive_loss
+from training.sentence_loss import sentence_batch, sentence_contrastive_loss, with_paraphrases
 
 
 def _batch():
@@ -71,3 +71,20 @@ def test_uninformative_sentences_are_skipped_and_chance_level_is_log_n() -> None
     assert math.isclose(float(out), math.log(4), rel_tol=1e-5)
     with pytest.raises(ValueError, match="sentence embeddings"):
         sentence_contrastive_loss(v, torch.ones(3, 4), held, torch.ones(4, 1, dtype=torch.bool), 10.0)
+
+
+def test_with_paraphrases_lets_a_scan_hold_close_sentences_of_the_same_anatomy_only() -> None:
+    held, _ = _batch()
+    k = {s: i for i, s in enumerate(held.sentences)}
+    close = torch.zeros(len(k), len(k), dtype=torch.bool)
+    close[k["A nodule is seen."], k["Emphysema."]] = True  # same anatomy: merged
+    close[k["Emphysema."], k["Cardiomegaly."]] = True  # other anatomy: ignored
+    wide = with_paraphrases(held, close)
+    assert wide.sentences == held.sentences and torch.equal(wide.anatomy, held.anatomy)
+    # scan 0 holds "A nodule is seen." so now also "Emphysema."; scans that held it keep it
+    assert wide.members[:, k["Emphysema."]].tolist() == [True, False, True, True]
+    assert torch.equal(wide.members[:, k["Cardiomegaly."]], held.members[:, k["Cardiomegaly."]])
+    assert torch.equal(wide.members[:, k["A nodule is seen."]], held.members[:, k["A nodule is seen."]])  # one way
+    assert torch.equal(with_paraphrases(held, torch.zeros_like(close)).members, held.members)
+    with pytest.raises(ValueError, match="close must be"):
+        with_paraphrases(held, close[:2])
