@@ -347,3 +347,41 @@ def test_real_ct_with_totalsegmentator_labels_layer(make_napari_viewer, qtbot, t
     np.testing.assert_allclose(organs.translate, ct.translate)
     assert np.array_equal(organs.data, seg.labels)
     assert widget.results_table.rowCount() == N_ROWS
+
+
+def test_prompt_heatmap_of_a_prompt_evidence_checkpoint_is_its_cell_map(ct_viewer, qtbot, tmp_path,
+                                                                       make_detect_widget):
+    """With a prompt evidence head the prompt heatmap is the head's cell map of the prompt, 0 outside
+    the organs, and the legend says what it shows (not an attention map)."""
+    import torch
+
+    from napari_ctvlp.engine.checkpoint import save_checkpoint
+    from napari_ctvlp.engine.networks import CTVLP, CTVLPConfig
+
+    torch.manual_seed(0)
+    cfg = CTVLPConfig.tiny(stem="conv", feature_stride=8, statistics_edges=(-0.9, -0.5, 0.0, 0.05, 0.5),
+                           texture_statistics=True, prompt_evidence=True)
+    model = CTVLP(cfg).eval()
+    with torch.no_grad():
+        for p in model.prompt_evidence.parameters():  # away from the zero start: a map with contrast
+            p.normal_(0.0, 0.5)
+    prep = {"image_size": [32, 32, 32], "spacing_mm": [6.0, 6.0, 6.0], "hu_window": [-1000.0, 1000.0]}
+    ckpt = save_checkpoint(model, tmp_path / "pe", preprocessing=prep, model_card="# Tiny\n\nTest only.\n")
+    viewer = ct_viewer
+    organs = np.asarray(viewer.layers["reference organs"].data)
+    widget = make_detect_widget(viewer, ckpt)
+    _detect(widget, qtbot)
+    panel = widget.prompt_panel
+    qtbot.keyClicks(panel.prompt_edit, "pleural effusion")
+    qtbot.keyClick(panel.prompt_edit, Qt.Key.Key_Return)
+    qtbot.waitUntil(lambda: panel.task is not None and panel.task.finished, timeout=WAIT_MS)
+    assert panel.task.outcome.ok, panel.task.outcome.error
+    qtbot.mouseClick(panel.heatmap_button, Qt.MouseButton.LeftButton)
+    name = "heatmap: prompt: pleural effusion"
+    qtbot.waitUntil(lambda: name in viewer.layers, timeout=WAIT_MS)
+    heat = viewer.layers[name]
+    outside = organs == 0
+    assert np.all(heat.data[outside] == heat.contrast_limits[0])
+    assert float(np.ptp(heat.data[~outside])) > 0
+    legend = widget.heatmap_legend.text()
+    assert "what the sentence says" in legend and "Not a lesion outline" in legend
