@@ -73,6 +73,38 @@ def _load_volumes(model: Any, cache: Path, *, split: str, limit: int | None,
     return torch.stack(bins), torch.stack(masks), torch.stack(targets)
 
 
+def _load_base(checkpoint: str | Path, out: str | Path, *, what: str) -> Any:
+    """The checkpoint a head is trained on, checked: ``out`` differs from it and it has voxel statistics.
+
+    Raises:
+        ValueError: either check fails (the message names ``what``, the head).
+    """
+    from napari_ctvlp.engine.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(checkpoint)
+    if Path(out).resolve() == loaded.path.resolve():
+        raise ValueError("--out must differ from --checkpoint")
+    if loaded.model.statistics is None:
+        raise ValueError(f"the {what} reads the voxel statistics' bins: this checkpoint has none")
+    return loaded
+
+
+def _fresh_head_model(base: Any, *, head: str, seed: int, **changes: Any) -> Any:
+    """A model of ``base``'s config with ``changes``: ``base``'s weights, ``head`` freshly initialised."""
+    import torch
+
+    from napari_ctvlp.engine.networks import CTVLP
+
+    torch.manual_seed(seed)
+    model = CTVLP(base.config.replace(**changes))
+    prefix = f"{head}."
+    state = {k: v for k, v in base.state_dict().items() if not k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(prefix) for k in missing):
+        raise ValueError(f"checkpoint does not match its own config: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
 def train_evidence(
     checkpoint: str | Path,
     cache: str | Path,
@@ -115,27 +147,15 @@ def train_evidence(
     import torch
     import torch.nn.functional as F
 
-    from napari_ctvlp.engine.checkpoint import load_checkpoint, save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP
+    from napari_ctvlp.engine.checkpoint import save_checkpoint
 
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError("steps and batch_size must be >= 1 and lr > 0")
     t0 = time.perf_counter()
-    loaded = load_checkpoint(checkpoint)
-    if Path(out).resolve() == loaded.path.resolve():
-        raise ValueError("--out must differ from --checkpoint")
-    base = loaded.model
-    if base.statistics is None:
-        raise ValueError("the evidence head reads the voxel statistics' bins: this checkpoint has none")
-    config = base.config.replace(tag_evidence=True, evidence_smooth=int(smooth),
-                                 evidence_compartments=tuple(compartments))
-    torch.manual_seed(seed)
-    model = CTVLP(config)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("evidence.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("evidence.") for k in missing):
-        raise ValueError(f"checkpoint does not match its own config: missing {missing}, unexpected {unexpected}")
-    model.eval()
+    loaded = _load_base(checkpoint, out, what="evidence head")
+    model = _fresh_head_model(loaded.model, head="evidence", seed=seed, tag_evidence=True,
+                              evidence_smooth=int(smooth), evidence_compartments=tuple(compartments))
+    config = model.config
     head = model.evidence
     assert head is not None
     bins, masks, targets = _load_volumes(model, Path(cache), split=split, limit=limit, progress=progress)

@@ -132,34 +132,24 @@ def train_prompt_evidence(
     """
     import torch
 
-    from napari_ctvlp.engine.checkpoint import load_checkpoint, save_checkpoint
-    from napari_ctvlp.engine.networks import CTVLP
+    from napari_ctvlp.engine.checkpoint import save_checkpoint
 
     from training.data import CachedCTDataset
-    from training.evidence import _load_volumes
+    from training.evidence import _fresh_head_model, _load_base, _load_volumes
     from training.sentence_loss import sentence_batch, with_paraphrases
 
     if steps < 1 or batch_size < 2 or not lr > 0:
         raise ValueError("steps must be >= 1, batch_size >= 2 and lr > 0")
     t0 = time.perf_counter()
-    loaded = load_checkpoint(checkpoint)
-    if Path(out).resolve() == loaded.path.resolve():
-        raise ValueError("--out must differ from --checkpoint")
+    loaded = _load_base(checkpoint, out, what="prompt evidence head")
     base = loaded.model
-    if base.statistics is None:
-        raise ValueError("the prompt evidence head reads the voxel statistics' bins: this checkpoint has none")
     compartments = tuple(compartments)
     if base.config.tag_evidence and tuple(base.config.evidence_compartments) != compartments:
         raise ValueError(f"the checkpoint's finding evidence head reads compartments "
                          f"{','.join(base.config.evidence_compartments) or '(none)'}; --compartments must match")
-    config = base.config.replace(prompt_evidence=True, evidence_compartments=compartments)
-    torch.manual_seed(seed)
-    model = CTVLP(config)
-    state = {k: v for k, v in base.state_dict().items() if not k.startswith("prompt_evidence.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("prompt_evidence.") for k in missing):
-        raise ValueError(f"checkpoint does not match its own config: missing {missing}, unexpected {unexpected}")
-    model.eval()
+    model = _fresh_head_model(base, head="prompt_evidence", seed=seed, prompt_evidence=True,
+                              evidence_compartments=compartments)
+    config = model.config
     head = model.prompt_evidence
     assert head is not None
     bins, masks, _ = _load_volumes(model, Path(cache), split=split, limit=limit, progress=progress)
