@@ -60,6 +60,21 @@ def split_compartment_bins(bins: Tensor, masks: Tensor, compartments: Sequence[i
 
 
 @torch.no_grad()
+def compartment_layout(num_bins: int, compartments: Sequence[int], compartment_bins: int) -> tuple[
+        tuple[int, ...], int, int]:
+    """``(compartments, compartment_bins, head_bins)`` of a head over ``num_bins`` input bins whose
+    first ``compartment_bins`` (the HU bin) are copied once per compartment (none: no split).
+
+    Raises:
+        ValueError: compartments without a valid ``compartment_bins``.
+    """
+    comps = tuple(int(a) for a in compartments)
+    split = int(compartment_bins) if comps else 0
+    if comps and not 1 <= split <= num_bins:
+        raise ValueError("compartments need compartment_bins, the first feature's bins, in [1, num_bins]")
+    return comps, split, int(num_bins) + split * len(comps)
+
+
 def cell_histograms(bins: Tensor, masks: Tensor, *, groups: Sequence[int], voxel_cell: Tensor,
                     num_bins: int, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Voxel bins ``[B, F, V]`` in ``[0, num_bins)`` and anatomy masks ``[B, A, D, H, W]`` -> cell
@@ -121,13 +136,10 @@ class TagEvidence(nn.Module):
     def __init__(self, *, num_bins: int, tag_anatomy: Sequence[int], image_size: Sequence[int], cell: int = 2,
                  smooth: int = 1, compartments: Sequence[int] = (), compartment_bins: int = 0) -> None:
         super().__init__()
-        self.compartments = tuple(int(a) for a in compartments)
-        self.compartment_bins = int(compartment_bins) if self.compartments else 0
-        if self.compartments and not 1 <= self.compartment_bins <= num_bins:
-            raise ValueError("compartments need compartment_bins, the first feature's bins, in [1, num_bins]")
+        self.compartments, self.compartment_bins, self.num_bins = compartment_layout(
+            num_bins, compartments, compartment_bins)
         #: bins of the input features; the head's own bins add the compartments' copies of the first feature
         self.input_bins = int(num_bins)
-        self.num_bins = self.input_bins + self.compartment_bins * len(self.compartments)
         self.tag_anatomy = tuple(int(a) for a in tag_anatomy)
         self.image_size = tuple(int(s) for s in image_size)
         self.cell = int(cell)

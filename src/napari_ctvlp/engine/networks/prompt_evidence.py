@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_ctvlp.engine.networks.evidence import MIN_SHARPNESS, SHARPNESS_SCALE, cell_histograms, cell_index, \
-    split_compartment_bins
+    compartment_layout, split_compartment_bins
 
 __all__ = ["PromptEvidence"]
 
@@ -57,12 +57,9 @@ class PromptEvidence(nn.Module):
     def __init__(self, *, num_bins: int, text_dim: int, groups: Sequence[int], image_size: Sequence[int],
                  cell: int = 2, compartments: Sequence[int] = (), compartment_bins: int = 0) -> None:
         super().__init__()
-        self.compartments = tuple(int(a) for a in compartments)
-        self.compartment_bins = int(compartment_bins) if self.compartments else 0
-        if self.compartments and not 1 <= self.compartment_bins <= num_bins:
-            raise ValueError("compartments need compartment_bins, the first feature's bins, in [1, num_bins]")
+        self.compartments, self.compartment_bins, self.num_bins = compartment_layout(
+            num_bins, compartments, compartment_bins)
         self.input_bins = int(num_bins)
-        self.num_bins = self.input_bins + self.compartment_bins * len(self.compartments)
         self.groups = tuple(int(g) for g in groups)
         self.image_size = tuple(int(s) for s in image_size)
         self.cell = int(cell)
