@@ -146,3 +146,36 @@ def test_prompts_are_scored_and_mapped_by_the_head_on_a_tiny_model() -> None:
     with pytest.raises(ValueError, match="not in this scan"):
         prompt_heatmap(model, no_eso, "Hiatal hernia.", anatomy="esophagus")
     assert np.isnan(score_prompt(model, no_eso, "Hiatal hernia.").probability[features.anatomies.index("esophagus")])
+
+
+def test_free_text_prompts_are_mapped_in_the_anatomy_their_words_name() -> None:
+    """With the shipped model's real MiniLM features: the prompt map is drawn in the anatomy the
+    wording names (not in whichever head scores highest); unrelated text names none."""
+    from napari_ctvlp.engine.attention import prompt_heatmap
+    from napari_ctvlp.engine.checkpoint import default_checkpoint_path, load_checkpoint
+    from napari_ctvlp.engine.preprocess import PreprocessConfig, preprocess
+    from napari_ctvlp.engine.prompt_evidence import prompt_anatomy
+    from napari_ctvlp.engine.zero_shot import encode_volume
+
+    from test_zero_shot import synthetic_ct
+
+    path = default_checkpoint_path()
+    if path is None:
+        pytest.skip("no shipped demo checkpoint in this install")
+    model = load_checkpoint(path).model
+    assert model.prompt_evidence is not None
+    everything = list(model.config.anatomies)
+    cases = {"small left pleural effusion": "lung", "an enlarged heart": "heart", "aortic aneurysm": "aorta",
+             "enlarged mediastinal lymph nodes": "mediastinum", "There is a port catheter.": "body",
+             "dilated esophagus": "esophagus", "tracheal stenosis": "trachea"}
+    for text, anatomy in cases.items():
+        assert prompt_anatomy(model, text, everything) == anatomy, text
+    assert prompt_anatomy(model, "the weather is nice today", everything) is None
+    assert prompt_anatomy(model, "an enlarged heart", ["lung", "aorta"], min_cosine=-1.0) != "heart"
+    vol, org = synthetic_ct()
+    config = PreprocessConfig(image_size=model.config.image_size, spacing_mm=(5.0, 4.0, 4.0))
+    features = encode_volume(model, preprocess(vol, config=config, organs=org))
+    routed = prompt_heatmap(model, features, "Pericardial effusion.", grid="model")
+    heart = prompt_heatmap(model, features, "Pericardial effusion.", grid="model", anatomy="heart")
+    np.testing.assert_array_equal(routed, heart)
+    assert routed.max() == pytest.approx(1.0)

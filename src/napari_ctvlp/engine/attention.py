@@ -240,14 +240,16 @@ def prompt_evidence_heatmap(
     grid: Literal["source", "model"] = "source",
     anatomy: str | None = None,
 ) -> np.ndarray:
-    """The prompt evidence head's map of a sentence: its cell scores over ``anatomy`` (default: the
-    anatomy where the prompt's probability is highest), min-max normalised there, 0 elsewhere.
+    """The prompt evidence head's map of a sentence: its cell scores over ``anatomy``, min-max
+    normalised there, 0 elsewhere. Default anatomy: the one the prompt's words name
+    (:func:`~napari_ctvlp.engine.prompt_evidence.prompt_anatomy`), else the one where its
+    probability is highest.
 
     Raises:
         ValueError: no prompt evidence head, an empty prompt, an anatomy the model does not pool or
             the scan lacks, or a bad ``grid``.
     """
-    from napari_ctvlp.engine.prompt_evidence import prompt_map
+    from napari_ctvlp.engine.prompt_evidence import prompt_anatomy, prompt_map
     from napari_ctvlp.engine.prompt_scoring import score_prompt
 
     if features.prompt_cells is None or model.prompt_evidence is None:
@@ -255,7 +257,9 @@ def prompt_evidence_heatmap(
     if grid not in ("source", "model"):
         raise ValueError(f"grid must be 'source' or 'model', got {grid!r}")
     if anatomy is None:
-        anatomy = score_prompt(model, features, prompt).best_anatomy
+        present = [a for a, ok in zip(features.anatomies, features.present.tolist()) if ok]
+        words = str(prompt[0] if isinstance(prompt, (tuple, list)) else prompt).replace("{organ}", "")
+        anatomy = prompt_anatomy(model, words, present) or score_prompt(model, features, prompt).best_anatomy
         if anatomy is None:
             raise ValueError("no anatomy of the model is in this scan's organ mask")
     _scope(features, anatomy)  # checks the anatomy

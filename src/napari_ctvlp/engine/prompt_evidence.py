@@ -4,7 +4,8 @@
 :func:`~napari_ctvlp.engine.zero_shot.encode_volume`) and keeps, for every anatomy, the bin
 histograms of only the cells that hold it (about 40 MB on the ``phantom_cpu`` grid); a prompt then
 costs one text-backbone call (cached) and a small matrix product: :func:`prompt_scores` gives its
-score per anatomy, :func:`prompt_map` the cell scores over the anatomy it was computed from.
+score per anatomy, :func:`prompt_map` the cell scores over the anatomy it was computed from, and
+:func:`prompt_anatomy` the anatomy a free-text prompt is about (read from its wording, for the map).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ if TYPE_CHECKING:
 
     from napari_ctvlp.engine.networks import CTVLP
 
-__all__ = ["PromptCells", "prompt_cells", "prompt_map", "prompt_scores"]
+__all__ = ["ROUTE_MIN_COSINE", "PromptCells", "prompt_anatomy", "prompt_cells", "prompt_map", "prompt_scores"]
 
 logger = logging.getLogger(__name__)
+
+#: below this sentence-feature cosine to every finding wording, :func:`prompt_anatomy` names no anatomy
+ROUTE_MIN_COSINE = 0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,3 +119,40 @@ def prompt_map(model: CTVLP, cells: PromptCells, text: str, anatomy_idx: int) ->
         grid = grid.view(1, 1, *head.grid)
         full = torch.nn.functional.interpolate(grid, scale_factor=head.cell, mode="nearest")[0, 0]
     return full.cpu().numpy().astype(np.float32)
+
+
+def prompt_anatomy(model: CTVLP, text: str, anatomies: Sequence[str], *,
+                   min_cosine: float = ROUTE_MIN_COSINE) -> str | None:
+    """The anatomy ``text`` is about, read from its wording alone: the anatomy of the CT-RATE finding
+    wording (term or synonym, e.g. "an enlarged heart" -> heart) or anatomy phrase ("the aorta")
+    nearest to it in the frozen sentence features, among ``anatomies``; None when nothing is within
+    ``min_cosine``.
+
+    Prompt scores of different anatomies come from different heads and are not calibrated against
+    each other (a lung head can score "pericardial effusion" high), so the map of a free-text
+    prompt is drawn in the anatomy its words name, not in the one with the highest probability.
+    """
+    import torch
+
+    from napari_ctvlp.engine.anatomy import ABNORMALITIES, ANATOMY_BY_NAME
+
+    wanted = set(anatomies)
+    phrases: list[str] = []
+    owners: list[str] = []
+    for ab in ABNORMALITIES:
+        if ab.anatomy in wanted:
+            for term in (ab.term, *ab.synonyms):
+                phrases.append(f"{term[0].upper()}{term[1:]}.")
+                owners.append(ab.anatomy)
+    for name in anatomies:
+        if name in ANATOMY_BY_NAME:
+            phrases.append(f"The {ANATOMY_BY_NAME[name].phrase}.")
+            owners.append(name)
+    text = str(text).strip()
+    if not phrases or not text:
+        return None
+    with torch.inference_mode():
+        feats = model.text.sentence_features([text, *phrases]).float()
+    cos = (feats[1:] @ feats[0]).cpu().numpy()
+    best = int(np.argmax(cos))
+    return owners[best] if float(cos[best]) >= min_cosine else None
