@@ -179,3 +179,8 @@ def test_free_text_prompts_are_mapped_in_the_anatomy_their_words_name() -> None:
     heart = prompt_heatmap(model, features, "Pericardial effusion.", grid="model", anatomy="heart")
     np.testing.assert_array_equal(routed, heart)
     assert routed.max() == pytest.approx(1.0)
+    # a prompt about an anatomy the scan's organ mask lacks: an empty map, never another organ's
+    no_heart = dataclasses.replace(features, present=np.where(
+        np.asarray(features.anatomies) == "heart", False, features.present))
+    empty = prompt_heatmap(model, no_heart, "An enlarged heart.")
+    assert empty.shape == vol.shape and not empty.any()

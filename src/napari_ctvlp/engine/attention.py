@@ -242,8 +242,8 @@ def prompt_evidence_heatmap(
 ) -> np.ndarray:
     """The prompt evidence head's map of a sentence: its cell scores over ``anatomy``, min-max
     normalised there, 0 elsewhere. Default anatomy: the one the prompt's words name
-    (:func:`~napari_ctvlp.engine.prompt_evidence.prompt_anatomy`), else the one where its
-    probability is highest.
+    (:func:`~napari_ctvlp.engine.prompt_evidence.prompt_anatomy`; a map of zeros, logged, when the
+    scan lacks it), else the one where its probability is highest.
 
     Raises:
         ValueError: no prompt evidence head, an empty prompt, an anatomy the model does not pool or
@@ -257,9 +257,14 @@ def prompt_evidence_heatmap(
     if grid not in ("source", "model"):
         raise ValueError(f"grid must be 'source' or 'model', got {grid!r}")
     if anatomy is None:
-        present = [a for a, ok in zip(features.anatomies, features.present.tolist()) if ok]
         words = str(prompt[0] if isinstance(prompt, (tuple, list)) else prompt).replace("{organ}", "")
-        anatomy = prompt_anatomy(model, words, present) or score_prompt(model, features, prompt).best_anatomy
+        anatomy = prompt_anatomy(model, words, features.anatomies)
+        if anatomy is not None and not features.present[features.anatomies.index(anatomy)]:
+            logger.warning("the prompt %r is about the %s, which is not in this scan's organ mask: empty map",
+                           words, anatomy)
+            shape = features.prepared.image.shape[-3:] if grid == "model" else features.prepared.source_shape
+            return np.zeros(tuple(int(n) for n in shape), np.float32)
+        anatomy = anatomy or score_prompt(model, features, prompt).best_anatomy
         if anatomy is None:
             raise ValueError("no anatomy of the model is in this scan's organ mask")
     _scope(features, anatomy)  # checks the anatomy
